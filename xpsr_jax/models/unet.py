@@ -14,7 +14,7 @@ from xpsr_jax.models.embeddings import TimestepEmbedding, timestep_features
 from xpsr_jax.models.layers import GroupNorm, conv2d
 from xpsr_jax.models.model_config import ModelConfig
 from xpsr_jax.models.unet_blocks import (
-    DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, BlockSpec, DownBlock, MidBlock, UpBlock,
+    BLOCK_TYPES, DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, BlockSpec, DownBlock, MidBlock, UpBlock,
 )
 from xpsr_jax.weights.pretrained import PretrainedMixin
 
@@ -117,84 +117,56 @@ class UNet2DConditionConfig(ModelConfig):
                                  f"norm_num_groups={self.norm_num_groups}")
 
 
-class UNet2DCondition(PretrainedMixin, nnx.Module):
-    """SD UNet: `unet(sample, timesteps, encoder_hidden_states, *, down_block_additional_residuals=None,
-    mid_block_additional_residual=None) -> noise prediction`.
+def make_block_spec(config: UNet2DConditionConfig, *, dtype: Any, param_dtype: Any,
+                    attention_backend: str) -> BlockSpec:
+    return BlockSpec(temb_channels=config.block_out_channels[0] * 4, norm_num_groups=config.norm_num_groups,
+                     norm_eps=config.norm_eps, cross_attention_dim=config.cross_attention_dim,
+                     use_linear_projection=config.use_linear_projection,
+                     transformer_layers=config.transformer_layers_per_block,
+                     attention_backend=validate_backend(attention_backend), dtype=dtype, param_dtype=param_dtype)
 
-    sample: (B, H, W, in_channels) latents; timesteps: (B,) int or float; encoder_hidden_states:
-    (B, L, cross_attention_dim). The optional residuals (ControlNet outputs, NHWC, one per skip
-    connection in down order, plus one for the mid block) are added as in diffusers.
+
+def validate_remat(remat_block_types: Sequence[str]) -> tuple[str, ...]:
+    for name in remat_block_types:
+        if name not in BLOCK_TYPES:
+            raise ValueError(f"remat_block_types contains {name!r}; valid block types: {BLOCK_TYPES}")
+    return tuple(remat_block_types)
+
+
+class UNetEncoder(nnx.Module):
+    """conv_in, time embedding, down blocks and mid block: what the UNet and ControlNet share.
+
+    `remat_block_types` names block types (e.g. "CrossAttnDownBlock2D") whose activations are
+    rematerialised in the backward pass (gradient checkpointing) to save training memory.
     """
 
-    config_class = UNet2DConditionConfig
-    weights_stem = "diffusion_pytorch_model"
+    config: UNet2DConditionConfig
 
-    def __init__(self, config: UNet2DConditionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, attention_backend: str = "auto"):
-        self.config = config
-        self.dtype = dtype
-        channels = config.block_out_channels
-        time_dim = channels[0] * 4
-        heads = config.heads_per_block
-        spec = BlockSpec(temb_channels=time_dim, norm_num_groups=config.norm_num_groups, norm_eps=config.norm_eps,
-                         cross_attention_dim=config.cross_attention_dim,
-                         use_linear_projection=config.use_linear_projection,
-                         transformer_layers=config.transformer_layers_per_block,
-                         attention_backend=validate_backend(attention_backend), dtype=dtype, param_dtype=param_dtype)
-        self.conv_in = conv2d(config.in_channels, channels[0], 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.time_embedding = TimestepEmbedding(channels[0], time_dim, rngs=rngs, dtype=dtype,
-                                                param_dtype=param_dtype)
-        self.down_blocks = nnx.List(self._build_down_blocks(spec, rngs))
-        self.mid_block = self._build_mid_block(spec, rngs)
-        self.up_blocks = nnx.List(self._build_up_blocks(spec, rngs))
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], epsilon=config.norm_eps, dtype=dtype,
-                                       param_dtype=param_dtype)
-        self.conv_out = conv2d(channels[0], config.out_channels, 3, rngs=rngs, dtype=dtype,
-                               param_dtype=param_dtype)
-
-    # Block construction is split out so the XPSR UNet can build extended blocks.
-    def _build_down_blocks(self, spec: BlockSpec, rngs: nnx.Rngs) -> list:
+    def _build_encoder(self, spec: BlockSpec, rngs: nnx.Rngs, *, down_lowlevel: bool, mid_lowlevel: bool,
+                       remat_block_types: Sequence[str]) -> None:
         config = self.config
         channels, heads = config.block_out_channels, config.heads_per_block
-        blocks = []
-        for i, block_type in enumerate(config.down_block_types):
-            blocks.append(self.down_block_class(
-                spec, channels[max(i - 1, 0)], channels[i], num_layers=config.layers_per_block,
-                with_attention=block_type == "CrossAttnDownBlock2D", num_heads=heads[i],
-                add_downsample=i < len(channels) - 1, downsample_padding=config.downsample_padding, rngs=rngs,
-                **self._down_block_extras(i)))
-        return blocks
+        self.dtype = spec.dtype
+        self.remat_block_types = validate_remat(remat_block_types)
+        self.conv_in = conv2d(config.in_channels, channels[0], 3, rngs=rngs, dtype=spec.dtype,
+                              param_dtype=spec.param_dtype)
+        self.time_embedding = TimestepEmbedding(channels[0], spec.temb_channels, rngs=rngs, dtype=spec.dtype,
+                                                param_dtype=spec.param_dtype)
+        self.down_blocks = nnx.List([
+            DownBlock(spec, channels[max(i - 1, 0)], channels[i], num_layers=config.layers_per_block,
+                      with_attention=block_type == "CrossAttnDownBlock2D", num_heads=heads[i],
+                      add_downsample=i < len(channels) - 1, downsample_padding=config.downsample_padding,
+                      use_lowlevel_prompt=down_lowlevel, rngs=rngs)
+            for i, block_type in enumerate(config.down_block_types)
+        ])
+        self.mid_block = MidBlock(spec, channels[-1], num_heads=heads[-1], use_lowlevel_prompt=mid_lowlevel,
+                                  rngs=rngs)
 
-    def _build_mid_block(self, spec: BlockSpec, rngs: nnx.Rngs):
-        config = self.config
-        return self.mid_block_class(spec, config.block_out_channels[-1], num_heads=config.heads_per_block[-1],
-                                    rngs=rngs, **self._mid_block_extras())
-
-    def _build_up_blocks(self, spec: BlockSpec, rngs: nnx.Rngs) -> list:
-        config = self.config
-        reversed_channels = tuple(reversed(config.block_out_channels))
-        reversed_heads = tuple(reversed(config.heads_per_block))
-        blocks = []
-        for i, block_type in enumerate(config.up_block_types):
-            blocks.append(self.up_block_class(
-                spec, reversed_channels[min(i + 1, len(reversed_channels) - 1)],
-                reversed_channels[max(i - 1, 0)], reversed_channels[i], num_layers=config.layers_per_block + 1,
-                with_attention=block_type == "CrossAttnUpBlock2D", num_heads=reversed_heads[i],
-                add_upsample=i < len(reversed_channels) - 1, rngs=rngs, **self._up_block_extras(i)))
-        return blocks
-
-    down_block_class = DownBlock
-    mid_block_class = MidBlock
-    up_block_class = UpBlock
-
-    def _down_block_extras(self, index: int) -> dict:
-        return {}
-
-    def _mid_block_extras(self) -> dict:
-        return {}
-
-    def _up_block_extras(self, index: int) -> dict:
-        return {}
+    def call_block(self, block: nnx.Module, *args, **static_kwargs):
+        """Run `block(*args)`, rematerialised if its type is in `remat_block_types`."""
+        if block.block_type not in self.remat_block_types:
+            return block(*args, **static_kwargs)
+        return nnx.remat(lambda module, *inputs: module(*inputs, **static_kwargs))(block, *args)
 
     def time_embed(self, timesteps: jax.Array, batch: int) -> jax.Array:
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
@@ -203,39 +175,96 @@ class UNet2DCondition(PretrainedMixin, nnx.Module):
                                      downscale_freq_shift=self.config.freq_shift)
         return self.time_embedding(features.astype(self.dtype))
 
-    def __call__(
+    def encode(self, hidden: jax.Array, temb: jax.Array, context: jax.Array,
+               lowlevel_context: jax.Array | None) -> tuple[jax.Array, list[jax.Array]]:
+        """Down blocks + mid block on conv_in features; returns (mid output, skips in down order)."""
+        skips = [hidden]
+        for block in self.down_blocks:
+            hidden, block_skips = self.call_block(block, hidden, temb, context, lowlevel_context)
+            skips.extend(block_skips)
+        return self.call_block(self.mid_block, hidden, temb, context, lowlevel_context), skips
+
+
+class UNet2DCondition(PretrainedMixin, UNetEncoder):
+    """SD UNet: `unet(sample, timesteps, encoder_hidden_states, *, down_block_additional_residuals=None,
+    mid_block_additional_residual=None) -> noise prediction`.
+
+    sample: (B, H, W, in_channels) latents; timesteps: (B,) int or float (or a scalar);
+    encoder_hidden_states: (B, L, cross_attention_dim). The optional residuals (ControlNet
+    outputs, NHWC, one per skip connection in down order, plus one for the mid block) are added
+    as in diffusers.
+    """
+
+    config_class = UNet2DConditionConfig
+    weights_stem = "diffusion_pytorch_model"
+    pixel_attention = False  # XPSR's pixel-aware cross-attention (see XPSRUNet)
+
+    def __init__(self, config: UNet2DConditionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, attention_backend: str = "auto",
+                 remat_block_types: Sequence[str] = ()):
+        self.config = config
+        spec = make_block_spec(config, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
+        self._build_encoder(spec, rngs, down_lowlevel=self._uses_lowlevel("down"),
+                            mid_lowlevel=self._uses_lowlevel("mid"), remat_block_types=remat_block_types)
+        channels = config.block_out_channels
+        reversed_channels = tuple(reversed(channels))
+        reversed_heads = tuple(reversed(config.heads_per_block))
+        self.up_blocks = nnx.List([
+            UpBlock(spec, reversed_channels[min(i + 1, len(channels) - 1)], reversed_channels[max(i - 1, 0)],
+                    reversed_channels[i], num_layers=config.layers_per_block + 1,
+                    with_attention=block_type == "CrossAttnUpBlock2D", num_heads=reversed_heads[i],
+                    add_upsample=i < len(channels) - 1, use_lowlevel_prompt=self._uses_lowlevel("up", i),
+                    pixel_attention=self.pixel_attention, rngs=rngs)
+            for i, block_type in enumerate(config.up_block_types)
+        ])
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], epsilon=config.norm_eps, dtype=dtype,
+                                       param_dtype=param_dtype)
+        self.conv_out = conv2d(channels[0], config.out_channels, 3, rngs=rngs, dtype=dtype,
+                               param_dtype=param_dtype)
+
+    def _uses_lowlevel(self, where: str, index: int = 0) -> bool:
+        """Whether Semantic-Fusion Attention is built there (never in plain SD)."""
+        return False
+
+    def __call__(self, sample, timesteps, encoder_hidden_states, *, down_block_additional_residuals=None,
+                 mid_block_additional_residual=None) -> jax.Array:
+        return self.forward(sample, timesteps, encoder_hidden_states, None, down_block_additional_residuals,
+                            mid_block_additional_residual)
+
+    def forward(
         self,
         sample: jax.Array,
         timesteps: jax.Array,
         encoder_hidden_states: jax.Array,
-        *,
-        down_block_additional_residuals: Sequence[jax.Array] | None = None,
-        mid_block_additional_residual: jax.Array | None = None,
-        **block_extras,
+        lowlevel_encoder_hidden_states: jax.Array | None,
+        down_block_additional_residuals: Sequence[jax.Array] | None,
+        mid_block_additional_residual: jax.Array | None,
     ) -> jax.Array:
         temb = self.time_embed(timesteps, sample.shape[0])
         context = encoder_hidden_states.astype(self.dtype)
-        hidden = self.conv_in(sample.astype(self.dtype))
-        skips = [hidden]
-        for block in self.down_blocks:
-            hidden, block_skips = block(hidden, temb, context, **block_extras)
-            skips.extend(block_skips)
-        if down_block_additional_residuals is not None:
-            if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
-                                 f"arrays, the UNet has {len(skips)} skip connections")
-            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
-        hidden = self.mid_block(hidden, temb, context, **block_extras)
+        lowlevel = None if lowlevel_encoder_hidden_states is None else lowlevel_encoder_hidden_states.astype(
+            self.dtype)
+        hidden, skips = self.encode(self.conv_in(sample.astype(self.dtype)), temb, context, lowlevel)
+        residuals = down_block_additional_residuals
+        if residuals is not None:
+            residuals = list(residuals)
+            if len(residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(residuals)} arrays, the UNet has "
+                                 f"{len(skips)} skip connections")
+            for i, (skip, residual) in enumerate(zip(skips, residuals)):
+                if skip.shape != residual.shape:
+                    raise ValueError(f"down_block_additional_residuals[{i}] has shape {residual.shape}, "
+                                     f"skip {i} has {skip.shape}")
+            skips = [skip + residual.astype(skip.dtype) for skip, residual in zip(skips, residuals)]
         if mid_block_additional_residual is not None:
             hidden = hidden + mid_block_additional_residual.astype(hidden.dtype)
-        hidden = self.run_up_blocks(hidden, skips, temb, context, down_block_additional_residuals, **block_extras)
-        hidden = self.conv_out(jax.nn.silu(self.conv_norm_out(hidden)))
-        return hidden
-
-    def run_up_blocks(self, hidden, skips, temb, context, residuals, **block_extras):
-        for i, block in enumerate(self.up_blocks):
+        for block in self.up_blocks:
             count = len(block.resnets)
             block_skips, skips = skips[-count:], skips[:-count]
+            block_residuals = None
+            if residuals is not None:
+                block_residuals, residuals = residuals[-count:], residuals[:-count]
             upsample_size = tuple(skips[-1].shape[1:3]) if skips else None
-            hidden = block(hidden, block_skips, temb, context, upsample_size=upsample_size, **block_extras)
-        return hidden
+            hidden = self.call_block(block, hidden, block_skips, temb, context, lowlevel, block_residuals,
+                                     upsample_size=upsample_size)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(hidden)))

@@ -1,0 +1,252 @@
+"""``python -m xpsr_jax.captions``: precompute MLLM prompts for LR/HR images.
+
+    main(argv=None) -> int          parse, then run or merge
+    run(config) -> pathlib.Path     caption one shard, resumably; returns its file
+
+See ``build_parser`` (``--help``) for the options and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import pathlib
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+from ml_collections import config_dict
+from PIL import Image
+from tqdm import tqdm
+
+from xpsr_jax.captions import io, work
+from xpsr_jax.captions.config import DTYPES, QUESTIONS, TASKS, get_config, question_for
+
+EPILOG = """\
+examples:
+  # high-level prompts (LLaVA-1.5-7B) for LR and HR images
+  python -m xpsr_jax.captions --task highlevel --model /models/llava-1.5-7b-hf \\
+      --lr-dir data/LR --hr-dir data/HR --output captions.jsonl
+  # low-level prompts with a Q-Instruct model in transformers format, same file
+  python -m xpsr_jax.captions --task lowlevel --model /models/qinstruct-llava-hf \\
+      --lr-dir data/LR --hr-dir data/HR --output captions.jsonl
+  # one process per GPU, then merge the shard files
+  for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python -m xpsr_jax.captions \\
+      --shard $i --num-shards 4 --lr-dir data/LR --hr-dir data/HR \\
+      --output captions.jsonl --model /models/llava-1.5-7b-hf & done; wait
+  python -m xpsr_jax.captions --merge captions.shard-*-of-4.jsonl --output captions.jsonl
+
+A killed run is resumed by running the same command again: records already in
+the output file are skipped. Model folders are never downloaded.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface; defaults come from ``config.get_config()``."""
+    defaults = get_config()
+    parser = argparse.ArgumentParser(
+        prog="python -m xpsr_jax.captions",
+        description="Caption LR/HR images with a vision-language model into a JSONL file "
+        "(one record per image, source and task).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inputs = parser.add_argument_group("images and output")
+    inputs.add_argument(
+        "--lr-dir", help="folder of LR images (png/jpg/jpeg/webp/bmp; id = file stem)"
+    )
+    inputs.add_argument("--hr-dir", help="folder of HR images")
+    inputs.add_argument(
+        "--output",
+        default=defaults.output,
+        help="JSONL file, appended to (default: %(default)s); with --num-shards N > 1 each "
+        "shard writes {stem}.shard-i-of-N.jsonl beside it",
+    )
+    model = parser.add_argument_group("model and question")
+    model.add_argument(
+        "--model",
+        default=defaults.model,
+        help="LOCAL folder of a transformers image-text-to-text model (default: %(default)s, "
+        "which must be downloaded there beforehand)",
+    )
+    model.add_argument(
+        "--task",
+        choices=TASKS,
+        default=defaults.task,
+        help="which prompt kind to make; picks the default question: "
+        + "; ".join(f"{task}: {q!r}" for task, q in QUESTIONS.items()),
+    )
+    model.add_argument("--question", help="ask this instead of the task's official question")
+    model.add_argument(
+        "--prompt-template",
+        help="prompt with {question} (\\n is a newline) for model folders without a chat "
+        "template, e.g. 'USER: <image>\\n{question} ASSISTANT:'",
+    )
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                     help="default: %(default)s")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=defaults.temperature,
+                     help="with --do-sample (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=defaults.top_p,
+                     help="with --do-sample (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=defaults.seed,
+                     help="torch seed for --do-sample (default: %(default)s)")
+    gen.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                     help="images per generate call (default: %(default)s)")
+    gen.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                     help="auto: bf16 on GPU, fp32 on CPU (default: %(default)s)")
+    gen.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    par = parser.add_argument_group("sharding and resuming")
+    par.add_argument("--shard", type=int, default=defaults.shard,
+                     help="this process's shard, 0..num-shards-1 (default: %(default)s)")
+    par.add_argument("--num-shards", type=int, default=defaults.num_shards,
+                     help="number of disjoint shards of the image list (default: %(default)s)")
+    par.add_argument("--max-images", type=int,
+                     help="stop after captioning this many images (smoke tests)")
+    par.add_argument(
+        "--merge", nargs="+", metavar="FILE",
+        help="instead of captioning: merge these caption files (dedupe, check) into --output",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> config_dict.ConfigDict:
+    """The locked run config: defaults overridden by the parsed arguments."""
+    config = get_config()
+    for key in config:
+        value = getattr(args, key)
+        if value is not None:
+            setattr(config, key, value)
+    if config.prompt_template is not None:
+        # Shells pass "\n" literally; the template needs a real newline.
+        config.prompt_template = config.prompt_template.replace("\\n", "\n")
+    return config
+
+
+def check_numbers(config: config_dict.ConfigDict) -> None:
+    """Raises CaptionInputError for counts that cannot work."""
+    for key in ("batch_size", "max_new_tokens"):
+        if config[key] < 1:
+            raise io.CaptionInputError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config.max_images is not None and config.max_images < 1:
+        raise io.CaptionInputError(f"--max-images must be >= 1, got {config.max_images}")
+
+
+def check_same_question(records: Iterable[dict], task: str, question: str, path) -> None:
+    """A file must not mix two questions for one task: resuming would skip the wrong ones."""
+    for record in records:
+        if record["task"] == task and record["question"] != question:
+            raise io.CaptionInputError(
+                f"{path} already holds {task} captions for the question {record['question']!r}, "
+                f"not {question!r}; use another --output or the same --question"
+            )
+
+
+def load_images(batch: list[work.WorkItem]) -> list[Image.Image]:
+    """Decoded RGB images of a batch; CaptionInputError names an unreadable file."""
+    images = []
+    for item in batch:
+        try:
+            with Image.open(item.path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise io.CaptionInputError(f"cannot read image {str(item.path)!r}: {error}") from None
+    return images
+
+
+def prefetched(batches: Iterable, load: Callable, pool: concurrent.futures.Executor) -> Iterator:
+    """Yields ``(batch, load(batch))``, loading the next batch while the caller works."""
+    queue = deque()
+    for batch in batches:
+        queue.append((batch, pool.submit(load, batch)))
+        if len(queue) > 1:
+            done_batch, future = queue.popleft()
+            yield done_batch, future.result()
+    while queue:
+        done_batch, future = queue.popleft()
+        yield done_batch, future.result()
+
+
+def _say(message: str) -> None:
+    print(f"[xpsr_jax.captions] {message}", file=sys.stderr, flush=True)
+
+
+def run(config: config_dict.ConfigDict) -> pathlib.Path:
+    """Captions this shard's images not yet in its output file; returns that file.
+
+    Each batch is appended and fsynced before the next one starts, so a killed
+    run loses at most the batch in flight.
+    """
+    from xpsr_jax.captions import generate  # torch-free until a model is needed
+
+    check_numbers(config)
+    items = work.build_work_list({"lr": config.lr_dir, "hr": config.hr_dir})
+    shard_items = work.select_shard(items, config.shard, config.num_shards)
+    out = io.shard_output_path(config.output, config.shard, config.num_shards)
+    question = question_for(config)
+    existing = io.repair_partial_tail(out)
+    check_same_question(existing, config.task, question, out)
+    todo = work.pending(shard_items, config.task, {io.record_key(r) for r in existing})
+    _say(
+        f"shard {config.shard}/{config.num_shards}: {len(shard_items)} of {len(items)} images, "
+        f"{len(shard_items) - len(todo)} already in {out}, {len(todo)} to caption ({config.task})"
+    )
+    if config.max_images is not None:
+        todo = todo[: config.max_images]
+    if not todo:
+        return out
+
+    device = generate.resolve_device(config.device)
+    dtype = generate.resolve_dtype(config.dtype, device)
+    _say(f"loading {config.model} on {device} ({dtype})")
+    captioner = generate.Captioner.load(
+        config.model, question, device, dtype, config.prompt_template
+    )
+    if config.do_sample:
+        generate.import_torch().manual_seed(config.seed)
+
+    start = time.perf_counter()
+    with (
+        io.CaptionWriter(out) as writer,
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
+        tqdm(total=len(todo), unit="img", desc=f"{config.task} captions") as bar,
+    ):
+        for batch, images in prefetched(work.batched(todo, config.batch_size), load_images, pool):
+            texts = captioner.caption(
+                images, config.max_new_tokens, config.do_sample, config.temperature, config.top_p
+            )
+            writer.write(
+                {
+                    "image_id": item.image_id,
+                    "source": item.source,
+                    "task": config.task,
+                    "text": text,
+                    "model": config.model,
+                    "question": question,
+                }
+                for item, text in zip(batch, texts, strict=True)
+            )
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    rate = len(todo) / seconds
+    _say(f"wrote {len(todo)} captions to {out} in {seconds:.1f} s ({rate:.2f} img/s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input exits with status 2 and a message naming it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.merge:
+            if args.lr_dir or args.hr_dir:
+                raise io.CaptionInputError("--merge takes no --lr-dir/--hr-dir")
+            count = io.merge_caption_files(args.merge, args.output)
+            _say(f"merged {len(args.merge)} files into {args.output}: {count} records")
+        else:
+            run(config_from_args(args))
+    except io.CaptionInputError as error:
+        parser.error(str(error))
+    return 0

@@ -1,0 +1,21 @@
+"""Flax NNX networks, NHWC throughout, with PyTorch (diffusers / transformers) checkpoint I/O."""
+
+from xpsr_jax.models.attention import ATTENTION_BACKENDS, dot_product_attention
+from xpsr_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
+from xpsr_jax.models.tokenizer import load_clip_tokenizer, tokenize
+from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
+from xpsr_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "CLIPTextConfig",
+    "CLIPTextEncoder",
+    "DiagonalGaussian",
+    "UNet2DCondition",
+    "UNet2DConditionConfig",
+    "dot_product_attention",
+    "load_clip_tokenizer",
+    "tokenize",
+]
