@@ -5,6 +5,9 @@ from xpsr_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
 from xpsr_jax.models.tokenizer import load_clip_tokenizer, tokenize
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 from xpsr_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
+from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig, XPSRControlNetOutput
+from xpsr_jax.models.xpsr_release import load_xpsr
+from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -15,7 +18,13 @@ __all__ = [
     "DiagonalGaussian",
     "UNet2DCondition",
     "UNet2DConditionConfig",
+    "XPSRControlNet",
+    "XPSRControlNetConfig",
+    "XPSRControlNetOutput",
+    "XPSRUNet",
+    "XPSRUNetConfig",
     "dot_product_attention",
     "load_clip_tokenizer",
+    "load_xpsr",
     "tokenize",
 ]

@@ -14,6 +14,19 @@ from flax import nnx
 
 Dtype = Any
 
+# PyTorch's default Conv/Linear initialisation (kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)),
+# bias U(+-1/sqrt(fan_in))), so freshly initialised layers start where the reference's do.
+torch_default_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+    bound = 1.0 / float(fan_in) ** 0.5 if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
 
 def conv2d(
     in_channels: int,
@@ -45,6 +58,8 @@ def conv2d(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(in_channels * kernel_size * kernel_size),
         rngs=rngs,
     )
 
@@ -59,7 +74,8 @@ def linear(
     param_dtype: Dtype = jnp.float32,
 ) -> nnx.Linear:
     return nnx.Linear(
-        in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(in_features), rngs=rngs,
     )
 
 

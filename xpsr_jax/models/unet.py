@@ -61,20 +61,15 @@ def _per_block(value, count: int, key: str, source: str) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNet2DConditionConfig(ModelConfig):
-    """diffusers UNet2DConditionModel config.json keys (defaults = SD 1.5)."""
+class EncoderConfig(ModelConfig):
+    """The config.json keys of the UNet encoder, shared by the UNet and the ControlNet (SD 1.5 defaults)."""
 
     fixed_keys: ClassVar[dict] = UNET_FIXED_KEYS
-    class_name: ClassVar[str] = "UNet2DConditionModel"
 
-    sample_size: int = 64
     in_channels: int = 4
-    out_channels: int = 4
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
     block_out_channels: tuple = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     downsample_padding: int = 1
@@ -95,29 +90,52 @@ class UNet2DConditionConfig(ModelConfig):
 
     def validate(self, source: str) -> None:
         count = len(self.block_out_channels)
-        if len(self.down_block_types) != count or len(self.up_block_types) != count:
-            raise ValueError(f"{source}: down_block_types / up_block_types / block_out_channels must have the "
-                             f"same length, got {len(self.down_block_types)} / {len(self.up_block_types)} / {count}")
-        for key, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            for value in getattr(self, key):
-                if value not in allowed:
-                    raise ValueError(f"{source}: {key} contains {value!r}; supported: {allowed}")
-        if self.mid_block_type not in MID_BLOCK_TYPES:
-            raise ValueError(f"{source}: mid_block_type={self.mid_block_type!r}; supported: {MID_BLOCK_TYPES}")
+        if len(self.down_block_types) != count:
+            raise ValueError(f"{source}: down_block_types has {len(self.down_block_types)} entries, "
+                             f"block_out_channels {count}; they must match")
+        for value in self.down_block_types:
+            if value not in DOWN_BLOCK_TYPES:
+                raise ValueError(f"{source}: down_block_types contains {value!r}; supported: {DOWN_BLOCK_TYPES}")
         for key in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{source}: {key}={getattr(self, key)!r} must be a positive int "
                                  f"(per-block lists are not supported)")
-        _per_block(self.attention_head_dim, count, "attention_head_dim", source)
+        heads = _per_block(self.attention_head_dim, count, "attention_head_dim", source)
         if self.num_attention_heads is not None:
-            _per_block(self.num_attention_heads, count, "num_attention_heads", source)
-        for channels in self.block_out_channels:
+            heads = _per_block(self.num_attention_heads, count, "num_attention_heads", source)
+        for channels, head_count in zip(self.block_out_channels, heads):
             if channels % self.norm_num_groups:
                 raise ValueError(f"{source}: block_out_channels entry {channels} is not divisible by "
                                  f"norm_num_groups={self.norm_num_groups}")
+            if channels % head_count:
+                raise ValueError(f"{source}: block width {channels} is not divisible by its head count "
+                                 f"{head_count} (attention_head_dim is the number of heads in SD 1.x/2.x)")
 
 
-def make_block_spec(config: UNet2DConditionConfig, *, dtype: Any, param_dtype: Any,
+@dataclasses.dataclass(frozen=True)
+class UNet2DConditionConfig(EncoderConfig):
+    """diffusers UNet2DConditionModel config.json keys (defaults = SD 1.5)."""
+
+    class_name: ClassVar[str] = "UNet2DConditionModel"
+
+    sample_size: Any = 64
+    out_channels: int = 4
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        if len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError(f"{source}: up_block_types has {len(self.up_block_types)} entries, "
+                             f"block_out_channels {len(self.block_out_channels)}; they must match")
+        for value in self.up_block_types:
+            if value not in UP_BLOCK_TYPES:
+                raise ValueError(f"{source}: up_block_types contains {value!r}; supported: {UP_BLOCK_TYPES}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(f"{source}: mid_block_type={self.mid_block_type!r}; supported: {MID_BLOCK_TYPES}")
+
+
+def make_block_spec(config: EncoderConfig, *, dtype: Any, param_dtype: Any,
                     attention_backend: str) -> BlockSpec:
     return BlockSpec(temb_channels=config.block_out_channels[0] * 4, norm_num_groups=config.norm_num_groups,
                      norm_eps=config.norm_eps, cross_attention_dim=config.cross_attention_dim,
@@ -140,7 +158,7 @@ class UNetEncoder(nnx.Module):
     rematerialised in the backward pass (gradient checkpointing) to save training memory.
     """
 
-    config: UNet2DConditionConfig
+    config: EncoderConfig
 
     def _build_encoder(self, spec: BlockSpec, rngs: nnx.Rngs, *, down_lowlevel: bool, mid_lowlevel: bool,
                        remat_block_types: Sequence[str]) -> None:
