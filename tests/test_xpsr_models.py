@@ -215,3 +215,38 @@ def test_release_config_keys_are_preserved(release_sfa, tmp_path):
     assert written["_class_name"] == "ControlNetModel"
     assert written["conditioning_embedding_out_channels"] == [4, 8, 12, 16]
     assert written["use_lowlevel_prompt"] is True
+
+
+def test_parameter_counts_match_the_reference():
+    from torch_reference import tiny_controlnet_config
+    from xpsr_jax.models.param_count import parameter_counts
+    from xpsr_jax.models.unet import UNet2DConditionConfig
+
+    reference_config = tiny_unet_config(**SFA_EVERYWHERE)
+    unet_keys = {k: v for k, v in reference_config.items() if k in UNet2DConditionConfig.__dataclass_fields__}
+    counts = parameter_counts(UNet2DConditionConfig.from_dict(unet_keys), sfa=True)
+    with torch.device("meta"):
+        torch_unet = XPSRUNetTorch(reference_config)
+        torch_controlnet = XPSRControlNetTorch(tiny_controlnet_config(conditioning_embedding_out_channels=[16, 32, 96, 256]))
+    assert counts["XPSR UNet"] == sum(p.numel() for p in torch_unet.parameters())
+    assert counts["XPSR ControlNet"] == sum(p.numel() for p in torch_controlnet.parameters())
+
+
+def test_remat_gives_the_same_gradients():
+    """Gradient checkpointing per block type changes memory, not maths."""
+    from xpsr_jax.models.unet_blocks import BLOCK_TYPES
+    config = XPSRUNet.config_class(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, cross_attention_dim=8,
+                                   attention_head_dim=2, layers_per_block=1, mid_use_lowlevel_prompt=True)
+    inputs = (jnp.ones((1, 8, 8, 4)), jnp.array([5]), jnp.ones((1, 3, 8)), jnp.ones((1, 3, 8)))
+
+    def grads(remat):
+        model = XPSRUNet(config, rngs=nnx.Rngs(0), remat_block_types=remat)
+        loss = lambda m: jnp.mean(m(*inputs) ** 2)  # noqa: E731
+        return nnx.state(nnx.grad(loss)(model), nnx.Param)
+
+    plain, rematerialised = grads(()), grads(BLOCK_TYPES)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(rematerialised)):
+        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-5, atol=1e-6,
+                                   err_msg=str(path))
+    with pytest.raises(ValueError, match="remat_block_types.*NoSuchBlock"):
+        XPSRUNet(config, rngs=nnx.Rngs(0), remat_block_types=("NoSuchBlock",))

@@ -121,8 +121,3 @@ def load_state_dict_into(
         variable.set_value(loaded[path])
     return nnx.merge(graphdef, params, rest)
 
-
-def tree_param_count(module: nnx.Module) -> int:
-    return sum(int(np.prod(v.get_value().shape)) for v in _flat_params(module).values())
-
-
