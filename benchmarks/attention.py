@@ -11,23 +11,15 @@ installed, so the "auto" default can be checked on each platform.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import median_ms
 from xpsr_jax.models.attention import ATTENTION_BACKENDS, dot_product_attention, resolve_backend
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def _torch_ms(q, k, v, repeats: int, device: str) -> float | None:
@@ -45,7 +37,8 @@ def _torch_ms(q, k, v, repeats: int, device: str) -> float | None:
         return out
 
     with torch.no_grad():
-        return _median_ms(run, repeats)
+        run()
+        return median_ms(run, repeats)
 
 
 def main(argv=None) -> None:
@@ -71,7 +64,8 @@ def main(argv=None) -> None:
             if backend == "cudnn" and not (on_gpu and dtype != jnp.float32):
                 continue
             fn = jax.jit(lambda q, k, v, b=backend: dot_product_attention(q, k, v, backend=b))
-            row[backend] = _median_ms(lambda: fn(q, k, v).block_until_ready(), args.repeats)
+            fn(q, k, v).block_until_ready()
+            row[backend] = median_ms(lambda: fn(q, k, v).block_until_ready(), args.repeats)
         torch_ms = _torch_ms(q, k, v, args.repeats, "cuda" if on_gpu else "cpu")
         if torch_ms is not None:
             row["torch_sdpa"] = torch_ms

@@ -18,18 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from timing import median_ms
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 
 TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
 
 
-def _median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def bench_jax(config, backend, dtype, batch, latent, tokens, repeats):
@@ -48,7 +42,7 @@ def bench_jax(config, backend, dtype, batch, latent, tokens, repeats):
     compiled = forward.lower(state, sample, timesteps, context).compile()
     compile_s = time.perf_counter() - start
     compiled(state, sample, timesteps, context).block_until_ready()
-    ms = _median_ms(lambda: compiled(state, sample, timesteps, context).block_until_ready(), repeats)
+    ms = median_ms(lambda: compiled(state, sample, timesteps, context).block_until_ready(), repeats)
     return compile_s, ms
 
 
@@ -73,7 +67,7 @@ def bench_torch(config, dtype_name, batch, latent, tokens, repeats):
             torch.cuda.synchronize()
 
     run()
-    return _median_ms(run, repeats)
+    return median_ms(run, repeats)
 
 
 def main(argv=None):

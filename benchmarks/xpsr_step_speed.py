@@ -20,18 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from timing import median_ms
 from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
 
 TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
 
 
-def _median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def _constant_model(build, dtype):
@@ -62,7 +56,7 @@ def bench_jax(config, *, dtype, backend, batch, latent, repeats):
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
     compiled(*args).block_until_ready()
-    return compile_s, _median_ms(lambda: compiled(*args).block_until_ready(), repeats)
+    return compile_s, median_ms(lambda: compiled(*args).block_until_ready(), repeats)
 
 
 def bench_torch(config, *, dtype_name, batch, latent, repeats):
@@ -92,7 +86,7 @@ def bench_torch(config, *, dtype_name, batch, latent, repeats):
             torch.cuda.synchronize()
 
     run()
-    return _median_ms(run, repeats)
+    return median_ms(run, repeats)
 
 
 def main(argv=None):
