@@ -7,7 +7,8 @@ Backends (`attention_backend` in every model config):
                (<= 128, or <= 256 from Hopper on).
   - "chunked": memory-efficient: queries processed in chunks of `query_chunk_size`, each chunk
                rematerialised in the backward pass, so peak memory is O(chunk x keys) instead
-               of O(queries x keys). Measured on a 2-core CPU it is also the fastest there.
+               of O(queries x keys). On a 2-core CPU it is also the fastest (2.8x faster
+               than "xla" at 4096 tokens).
   - "auto":    cudnn where it applies (GPU + half precision + supported head dim), else
                chunked on CPU and GPU, xla on TPU (XLA:TPU fuses attention well).
 """
@@ -24,7 +25,11 @@ from flax import nnx
 from xpsr_jax.models.layers import linear
 
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "chunked")
-DEFAULT_QUERY_CHUNK_SIZE = 1024
+# Query chunk of the "chunked" backend. Measured on a 2-core CPU, 2 x 8 heads x 40 dims:
+# 4096 tokens take 652 ms with 128-query chunks, 1055 ms with 256+, 1854 ms unchunked (PyTorch
+# SDPA 313 ms); on GPUs chunks only bound memory, so they stay large.
+CPU_QUERY_CHUNK_SIZE = 128
+ACCELERATOR_QUERY_CHUNK_SIZE = 1024
 
 
 def validate_backend(backend: str) -> str:
@@ -86,9 +91,12 @@ def dot_product_attention(
     backend: str = "auto",
     is_causal: bool = False,
     scale: float | None = None,
-    query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
+    query_chunk_size: int | None = None,
 ) -> jax.Array:
-    """Multi-head attention on (batch, length, heads, head_dim) arrays; returns the query's shape."""
+    """Multi-head attention on (batch, length, heads, head_dim) arrays; returns the query's shape.
+
+    `query_chunk_size` (chunked backend) defaults to 128 on CPU and 1024 on accelerators.
+    """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve_backend(backend, query, value)
     if backend == "chunked" and is_causal:
@@ -98,6 +106,9 @@ def dot_product_attention(
             query, key, value, scale=scale, is_causal=is_causal, implementation="cudnn"
         )
     if backend == "chunked":
+        if query_chunk_size is None:
+            on_cpu = jax.default_backend() == "cpu"
+            query_chunk_size = CPU_QUERY_CHUNK_SIZE if on_cpu else ACCELERATOR_QUERY_CHUNK_SIZE
         return _chunked_attention(query, key, value, scale, query_chunk_size)
     return _xla_attention(query, key, value, scale, is_causal)
 
