@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 
 def _torch_sdpa(q, k, v, is_causal=False):
-    to_torch = lambda x: torch.from_numpy(np.asarray(x)).transpose(1, 2)  # noqa: E731
+    to_torch = lambda x: torch.from_numpy(np.array(x)).transpose(1, 2)  # noqa: E731
     out = torch.nn.functional.scaled_dot_product_attention(to_torch(q), to_torch(k), to_torch(v), is_causal=is_causal)
     return out.transpose(1, 2).numpy()
 
