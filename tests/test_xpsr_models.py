@@ -250,3 +250,44 @@ def test_remat_gives_the_same_gradients():
                                    err_msg=str(path))
     with pytest.raises(ValueError, match="remat_block_types.*NoSuchBlock"):
         XPSRUNet(config, rngs=nnx.Rngs(0), remat_block_types=("NoSuchBlock",))
+
+
+def test_controlnet_switches_match_reference(tmp_path):
+    """Official switches: RRDB preprocessor on, rgb and latent heads off, BGR input, pooled residuals."""
+    from torch_reference import tiny_controlnet_config
+
+    config = tiny_controlnet_config(layers_per_block=1, use_rrdb=True, return_rgbs=False, use_latent_pred=False,
+                                    controlnet_conditioning_channel_order="bgr", global_pool_conditions=True,
+                                    use_lowlevel_prompt=False)
+    torch_model = XPSRControlNetTorch(config).eval()
+    randomize_all_parameters(torch_model, seed=5, scale=0.5)
+    _save_official(torch_model, tmp_path / "controlnet")
+    ours = XPSRControlNet.from_pretrained(tmp_path / "controlnet")
+    generator = torch.Generator().manual_seed(3)
+    sample, cond = torch.randn(1, 4, 8, 8, generator=generator), torch.rand(1, 3, 64, 64, generator=generator)
+    high = torch.randn(1, 4, config["cross_attention_dim"], generator=generator)
+    with torch.no_grad():
+        reference = torch_model(sample, torch.tensor([9]), high, None, cond)
+    out = ours(_j(sample), jnp.asarray([9]), _j(high, False), None, _j(cond))
+    assert out.rgb_preds == () and out.latent_preds == () and out.latent_pred_mid is None
+    for a, b in zip(out.down_block_res_samples + (out.mid_block_res_sample,),
+                    reference.down_block_res_samples + (reference.mid_block_res_sample,)):
+        assert a.shape[1:3] == (1, 1)
+        assert_parity(nhwc_to_nchw(a), b.numpy(), atol=ATOL, label="switched ControlNet residual")
+    assert any(".preprocesser.1.rdb3.conv5." in key for key in module_state_dict(ours))
+
+
+def test_official_configs_are_validated():
+    from xpsr_jax.models import XPSRControlNetConfig, XPSRUNetConfig
+
+    with pytest.raises(ValueError, match="unet/config.json: up_use_lowlevel_prompt has 2 entries"):
+        XPSRUNetConfig.from_dict({"up_use_lowlevel_prompt": [True, False]}, source="unet/config.json")
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        XPSRUNetConfig.from_dict({"num_attention_heads": 8}, source="unet/config.json")
+    with pytest.raises(ValueError, match="controlnet_conditioning_channel_order='rbg'"):
+        XPSRControlNetConfig.from_dict({"controlnet_conditioning_channel_order": "rbg"}, source="cn")
+    with pytest.raises(ValueError, match="mid_block_type"):
+        XPSRControlNetConfig.from_dict({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, source="cn")
+    with pytest.warns(UserWarning, match="cn: ignoring unknown config keys \\['fg_mask_mode'\\]"):
+        config = XPSRControlNetConfig.from_dict({"fg_mask_mode": 1, "use_rrdb": True}, source="cn")
+    assert config.use_rrdb and config.to_dict()["fg_mask_mode"] == 1
