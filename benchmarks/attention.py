@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timing import median_ms
+from timing import median_ms, torch_median_ms
 from xpsr_jax.models.attention import ATTENTION_BACKENDS, dot_product_attention, resolve_backend
 
 
@@ -30,15 +30,7 @@ def _torch_ms(q, k, v, repeats: int, device: str) -> float | None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(q.dtype)]
     tq, tk, tv = (torch.tensor(np.asarray(x, np.float32)).to(device, dtype).transpose(1, 2) for x in (q, k, v))
 
-    def run():
-        out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    with torch.no_grad():
-        run()
-        return median_ms(run, repeats)
+    return torch_median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), repeats)
 
 
 def main(argv=None) -> None:

@@ -15,3 +15,17 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
+
+
+def torch_median_ms(fn, repeats: int) -> float:
+    """`median_ms` for a PyTorch call: no autograd, one warm-up call, and a CUDA sync per call."""
+    import torch
+
+    def run():
+        with torch.no_grad():
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    run()
+    return median_ms(run, repeats)

@@ -15,10 +15,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from timing import median_ms
+from timing import median_ms, torch_median_ms
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 
 TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
@@ -60,14 +59,7 @@ def bench_torch(config, dtype_name, batch, latent, tokens, repeats):
     timesteps = torch.full((batch,), 500, device=device)
     context = torch.ones(batch, tokens, config.cross_attention_dim, device=device, dtype=dtype)
 
-    def run():
-        with torch.no_grad():
-            model(sample, timesteps, context)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    run()
-    return median_ms(run, repeats)
+    return torch_median_ms(lambda: model(sample, timesteps, context), repeats)
 
 
 def main(argv=None):

@@ -17,10 +17,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from timing import median_ms
+from timing import median_ms, torch_median_ms
 from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
 
 TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
@@ -78,15 +77,11 @@ def bench_torch(config, *, dtype_name, batch, latent, repeats):
     high = torch.ones(batch, 77, config.cross_attention_dim, device=device, dtype=dtype)
     cond = torch.full((batch, 3, 8 * latent, 8 * latent), 0.5, device=device, dtype=dtype)
 
-    def run():
-        with torch.no_grad():
-            control = controlnet(sample, timesteps, high, high, cond)
-            unet(sample, timesteps, high, high, control.down_block_res_samples, control.mid_block_res_sample)
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def step():
+        control = controlnet(sample, timesteps, high, high, cond)
+        unet(sample, timesteps, high, high, control.down_block_res_samples, control.mid_block_res_sample)
 
-    run()
-    return median_ms(run, repeats)
+    return torch_median_ms(step, repeats)
 
 
 def main(argv=None):
