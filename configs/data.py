@@ -9,6 +9,9 @@ Commands::
 Variants (`:a,b`): `runlocal` shrinks crops, batches and threads for a laptop run;
 `released_prompts` feeds the empty high-level prompt as the released training script does
 (the default is the paper's HR caption). Command-line flags override file values.
+`prepare.hr_target` (`--hr-target`) is the HR image stored: `usm` (default: the crop sharpened
+with `degradation.usm.*`, as the official make_train.py saves its GT) or `original` (the crop);
+the dataset records it (`xpsr_jax.data.tfds_builder.read_hr_target`).
 The training side reads `config.pipeline` (see xpsr_jax.data.pipeline).
 """
 

@@ -21,6 +21,7 @@ import numpy as np
 from xpsr_jax.captions.config import QUESTIONS
 from xpsr_jax.captions.io import CaptionWriter
 from xpsr_jax.data import images
+from xpsr_jax.models.tiny_tokenizer import write_tiny_clip_tokenizer
 
 SOURCES_TASKS = [(source, task) for task in ("highlevel", "lowlevel") for source in ("lr", "hr")]
 
@@ -112,40 +113,9 @@ def write_official_layout(root, count: int = 3, hr_size: int = 32, sub: str = "D
     return ids
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode character table."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes)))
-
-
 def build_tiny_clip_tokenizer(folder) -> str:
-    """A CLIP BPE tokenizer folder (vocab.json, merges.txt, configs) with the 512 byte-level
-    base tokens, a handful of merges and CLIP's special tokens: any text tokenizes."""
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    merges = ["t h", "th e</w>", "i n", "a n", "an d</w>", "o f</w>", "i m", "im a", "ima g",
-              "imag e</w>", "c a", "ca p"]
-    vocab_tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "model_max_length": 77, "do_lower_case": True,
-         "tokenizer_class": "CLIPTokenizer"}))
-    return str(folder)
+    """A CLIP BPE tokenizer folder in which any text tokenizes (xpsr_jax.models.tiny_tokenizer)."""
+    return str(write_tiny_clip_tokenizer(folder))
 
 
 def no_tensorflow_env(folder) -> dict[str, str]:

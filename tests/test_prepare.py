@@ -15,10 +15,17 @@ from data_fixtures import textured_rgb, write_captions, write_hr_images
 from tiny_llava import tiny_llava_dir  # noqa: F401  (session fixture)
 from xpsr_jax.captions.io import load_captions
 from xpsr_jax.data import images, prepare, tfds_builder
-from xpsr_jax.data.degradation import default_degradation_config, degrade
+from xpsr_jax.data.degradation import default_degradation_config, degrade, to_uint8, usm_sharpen
 
 CROP = 32
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def usm_of(crop: np.ndarray, config) -> np.ndarray:
+    """The official HR target: the crop sharpened by the degradation's USM, as uint8."""
+    usm = config.usm
+    return to_uint8(usm_sharpen(crop.astype(np.float32) / 255.0, radius=usm.radius,
+                                weight=usm.weight, threshold=usm.threshold))
 
 
 def write_hr_dir(folder) -> None:
@@ -61,11 +68,19 @@ def test_end_to_end_dataset_matches_sources(prepared):
     for image_id, record in records.items():
         top, left, size = record["crop"]
         source = images.read_rgb(root / "hr" / record["source_file"])
+        crop = source[top:top + size, left:left + size]
         hr = images.read_rgb(work / "HR" / f"{image_id}.png")
-        np.testing.assert_array_equal(hr, source[top:top + size, left:left + size])
-        lr, params = degrade(hr, config, seed=0, example_id=record["example_id"])
+        # Default hr_target "usm": the stored HR is the sharpened crop, the LR the crop degraded.
+        np.testing.assert_array_equal(hr, usm_of(crop, config))
+        assert np.abs(hr.astype(int) - crop).max() > 0
+        lr, params = degrade(crop, config, seed=0, example_id=record["example_id"])
         np.testing.assert_array_equal(images.read_rgb(work / "LR" / f"{image_id}.png"), lr)
         assert params == record["params"]
+    assert json.loads((work / "prepare_settings.json").read_text())["hr_target"] == "usm"
+    assert tfds_builder.read_hr_target(root / "tfds") == "usm"
+    info = tfds.builder_from_directory(
+        str(tfds_builder.dataset_dir(root / "tfds", "prepared"))).info
+    assert info.metadata["hr_target"] == "usm"
 
     captions = load_captions(work / "captions.jsonl")
     source = tfds.data_source("xpsr_pairs/prepared", split="train", data_dir=str(root / "tfds"))
@@ -118,6 +133,41 @@ def test_changed_crop_settings_are_refused(prepared, capsys):
         prepare.main(args(root, "--stages", "crop", "--seed", "1"))
     assert exit_info.value.code == 2
     assert "seed: 0 before, 1 now" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare.main(args(root, "--stages", "crop", "--hr-target", "original"))
+    assert "hr_target: 'usm' before, 'original' now" in capsys.readouterr().err
+
+
+def test_hr_target_original_stores_the_crop(tmp_path):
+    write_hr_images(tmp_path / "hr", [(64, 48)])
+    assert prepare.main(args(tmp_path, "--stages", "crop", "--hr-target", "original")) == 0
+    work = tmp_path / "work"
+    records = tfds_builder.read_degradation_records(work / "degradation.jsonl")
+    ids = sorted(records)
+    config = default_degradation_config()
+    for image_id, record in records.items():
+        top, left, size = record["crop"]
+        crop = images.read_rgb(tmp_path / "hr" / record["source_file"])[top:top + size,
+                                                                        left:left + size]
+        np.testing.assert_array_equal(images.read_rgb(work / "HR" / f"{image_id}.png"), crop)
+        lr, _ = degrade(crop, config, seed=0, example_id=record["example_id"])
+        np.testing.assert_array_equal(images.read_rgb(work / "LR" / f"{image_id}.png"), lr)
+    write_captions(tmp_path / "captions.jsonl", ids)
+    assert prepare.main(args(tmp_path, "--stages", "build", "--captions",
+                             str(tmp_path / "captions.jsonl"))) == 0
+    assert tfds_builder.read_hr_target(tmp_path / "tfds", "xpsr_pairs/prepared") == "original"
+
+
+def test_bad_hr_target_is_refused_naming_the_key(tmp_path, capsys):
+    config = prepare.default_prepare_config()
+    config.update(hr_dir=str(tmp_path), work_dir=str(tmp_path / "work"), hr_target="sharp")
+    expected = r"prepare\.hr_target .*'sharp'.*'usm'.*'original'"
+    with pytest.raises(prepare.PrepareError, match=expected):
+        prepare.run_crop_stage(config)
+    assert not (tmp_path / "work").exists()  # refused before anything is written
+    with pytest.raises(SystemExit):
+        prepare.main(args(tmp_path, "--stages", "crop", "--hr-target", "sharp"))
+    assert "--hr-target: invalid choice: 'sharp'" in capsys.readouterr().err
 
 
 def test_precomputed_captions_config_file_and_grid_crops(tmp_path, capsys):

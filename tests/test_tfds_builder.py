@@ -66,6 +66,9 @@ def prepared(tmp_path_factory):
     """(work_dir, data_dir, image ids) of a 6-example dataset built in one process."""
     root = tmp_path_factory.mktemp("prepared")
     ids = write_prepared_work_dir(root / "work", count=6, hr_size=64)
+    # The fixture stores the crops unsharpened; say so as prepare's crop stage would.
+    settings = root / "work" / tfds_builder.PREPARE_SETTINGS_FILE
+    settings.write_text(json.dumps({"hr_target": "original"}))
     tfds_builder.build_dataset(config_name="prepared", source_dir=root / "work",
                                data_dir=root / "tfds")
     return root / "work", root / "tfds", ids
@@ -116,6 +119,7 @@ def test_parallel_parts_merge_into_one_dataset(prepared, tmp_path):
     split = builder.info.splits["train"]
     assert split.num_shards == 4 and split.num_examples == 6
     assert not (tmp_path / ".xpsr_parts").exists()
+    assert tfds_builder.read_hr_target(tmp_path) == "original"  # the parts' metadata is kept
     merged, single = read_all(tmp_path), read_all(single_dir)
     assert sorted(merged) == ids
     for image_id in ids:
@@ -151,9 +155,30 @@ def test_official_layout(tmp_path):
             # First line only, leading space stripped, as the official loader reads it.
             assert example[feature].decode() == caption_text(image_id, source, task)
         assert all(math.isnan(v) for v in example["degradation"].values())
-    description = tfds.builder_from_directory(
-        os.fspath(tfds_builder.dataset_dir(tmp_path / "tfds", "official"))).info.description
-    assert "NaN" in description
+    info = tfds.builder_from_directory(
+        os.fspath(tfds_builder.dataset_dir(tmp_path / "tfds", "official"))).info
+    assert "NaN" in info.description
+    assert info.metadata["hr_target"] == "unknown"  # HR stored as found
+    assert tfds_builder.read_hr_target(tmp_path / "tfds", "xpsr_pairs/official") == "unknown"
+
+
+def test_hr_target_metadata_of_prepared_datasets(prepared, tmp_path):
+    work_dir, data_dir, _ = prepared
+    assert tfds_builder.read_hr_target(data_dir) == "original"
+    assert tfds_builder.read_hr_target(data_dir, "xpsr_pairs/prepared:1.0.0") == "original"
+    # A dataset built before hr_target was recorded has no metadata.json.
+    old = tmp_path / "old" / "xpsr_pairs" / "prepared" / "1.0.0"
+    old.mkdir(parents=True)
+    (old / "dataset_info.json").write_text("{}")
+    assert tfds_builder.read_hr_target(tmp_path / "old") == "unknown"
+    with pytest.raises(tfds_builder.DatasetSourceError, match="not built"):
+        tfds_builder.read_hr_target(tmp_path / "nowhere")
+    # Work folders: no settings file -> unknown; settings from before hr_target -> original.
+    assert tfds_builder.prepared_hr_target(tmp_path) == "unknown"
+    (tmp_path / tfds_builder.PREPARE_SETTINGS_FILE).write_text(json.dumps({"seed": 0}))
+    assert tfds_builder.prepared_hr_target(tmp_path) == "original"
+    (tmp_path / tfds_builder.PREPARE_SETTINGS_FILE).write_text(json.dumps({"hr_target": "usm"}))
+    assert tfds_builder.prepared_hr_target(tmp_path) == "usm"
 
 
 def test_missing_prompt_names_image_and_kind(tmp_path):

@@ -5,10 +5,11 @@ Stages (select with ``--stages``, default all three; each one resumes where it s
 1. ``crop``: every HR image under ``--hr-dir`` (recursive, sorted) -> ``--crop-size`` crops
    (``random``: ``--crops-per-image`` positions; ``grid``: every non-overlapping tile, centred)
    -> Real-ESRGAN degradation -> ``work_dir/HR/{id}.png``, ``work_dir/LR/{id}.png`` and
-   ``work_dir/degradation.jsonl``. Unreadable or too-small files are skipped and listed in
-   ``work_dir/skipped.txt``. Crop positions come from ``(--seed, image index)``, the
-   degradation from ``(--seed, image index * 65536 + crop index)``: the same input file list
-   and seed give the same dataset.
+   ``work_dir/degradation.jsonl``. The HR image stored is the USM-sharpened crop
+   (``--hr-target usm``, the official make_train.py) or the crop itself (``original``).
+   Unreadable or too-small files are skipped and listed in ``work_dir/skipped.txt``. Crop
+   positions come from ``(--seed, image index)``, the degradation from ``(--seed, image index
+   * 65536 + crop index)``: the same input file list and seed give the same dataset.
 2. ``caption``: ``python -m xpsr_jax.captions`` for the high-level (``--highlevel-model``,
    LLaVA-1.5) and low-level (``--lowlevel-model``, Q-Instruct) prompts of every LR and HR
    crop -> ``work_dir/captions.jsonl``. With ``--captions FILE`` (computed elsewhere) nothing
@@ -32,7 +33,8 @@ Examples::
     python -m xpsr_jax.data.prepare --config configs/data.py:runlocal --hr-dir HR ...
 
 Public API: ``main(argv) -> int``, ``default_prepare_config()``, ``run_crop_stage``,
-``run_caption_stage``, ``run_build_stage``, ``crop_boxes``, ``list_hr_images``.
+``run_caption_stage``, ``run_build_stage``, ``crop_boxes``, ``list_hr_images``,
+``hr_target_image``, ``HR_TARGETS``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from xpsr_jax.data import images, tfds_builder
 STAGES = ("crop", "caption", "build")
 CROP_MODES = ("random", "grid")
 SKIPPED_FILE = "skipped.txt"
-SETTINGS_FILE = "prepare_settings.json"
+SETTINGS_FILE = tfds_builder.PREPARE_SETTINGS_FILE
+HR_TARGETS = tfds_builder.HR_TARGETS  # ("usm", "original")
 PARAMS_DIR = "degradation"  # one {id}.json per crop; merged into degradation.jsonl
 MAX_CROPS_PER_IMAGE = 65536  # degradation example_id = image index * this + crop index
 
@@ -78,6 +81,10 @@ def default_prepare_config() -> config_dict.ConfigDict:
     config.crop_mode = "random"
     config.crops_per_image = 1  # random mode only
     config.seed = 0
+    # The HR image stored (the training target): "usm" = the crop USM-sharpened with the
+    # degradation's usm.* settings, as the official make_train.py saves it (Real-ESRGAN's
+    # gt_usm); "original" = the crop itself.
+    config.hr_target = "usm"
     config.num_workers = 1  # crop-stage processes; 1: in this process
     config.captions = config_dict.placeholder(str)  # precomputed captions JSONL
     config.highlevel_model = config_dict.placeholder(str)  # LLaVA-1.5 folder
@@ -144,6 +151,7 @@ class CropTask:
     crops_per_image: int
     seed: int
     degradation_config: config_dict.ConfigDict
+    hr_target: str = "usm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +160,30 @@ class CropResult:
     written: int = 0
     reused: int = 0
     skip_reason: str | None = None
+
+
+def hr_target_image(hr_crop: np.ndarray, hr_target: str, degradation_config) -> np.ndarray:
+    """hr_target_image(hr_crop, hr_target, degradation_config) -> the uint8 HR image to store.
+
+    "usm": the crop sharpened by the USM that `degrade()` applies before degrading
+    (`degradation_config.usm.radius/weight/threshold`; used whatever `usm.apply` says),
+    rounded to uint8; "original": the crop unchanged.
+    """
+    from xpsr_jax.data.degradation import to_uint8, usm_sharpen
+
+    check_hr_target(hr_target)
+    if hr_target == "original":
+        return hr_crop
+    usm = degradation_config.usm
+    sharpened = usm_sharpen(hr_crop.astype(np.float32) / 255.0, radius=usm.radius,
+                            weight=usm.weight, threshold=usm.threshold)
+    return to_uint8(sharpened)
+
+
+def check_hr_target(hr_target) -> None:
+    if hr_target not in HR_TARGETS:
+        raise PrepareError(f"prepare.hr_target (--hr-target) = {hr_target!r}: valid are 'usm' (the "
+                           "USM-sharpened crop, the official default) or 'original' (the crop)")
 
 
 def crop_and_degrade(task: CropTask) -> CropResult:
@@ -190,12 +222,14 @@ def crop_and_degrade(task: CropTask) -> CropResult:
         top, left = boxes[k]
         size = task.crop_size
         hr_crop = np.ascontiguousarray(hr_image[top:top + size, left:left + size])
+        # The LR comes from the crop: degrade() sharpens it itself when usm.apply is set.
         lr_crop, params = degrade(hr_crop, task.degradation_config, seed=task.seed,
                                   example_id=task.image_index * MAX_CROPS_PER_IMAGE + k)
+        hr_stored = hr_target_image(hr_crop, task.hr_target, task.degradation_config)
         record = {"image_id": crop_ids[k], "source_file": task.relative_path,
                   "crop": [top, left, task.crop_size], "seed": task.seed,
                   "example_id": task.image_index * MAX_CROPS_PER_IMAGE + k, "params": params}
-        images.write_png_atomic(work_dir / "HR" / f"{crop_ids[k]}.png", hr_crop)
+        images.write_png_atomic(work_dir / "HR" / f"{crop_ids[k]}.png", hr_stored)
         images.write_bytes_atomic(work_dir / PARAMS_DIR / f"{crop_ids[k]}.json",
                                   json.dumps(record).encode("utf-8"))
         images.write_png_atomic(work_dir / "LR" / f"{crop_ids[k]}.png", lr_crop)
@@ -212,6 +246,8 @@ def _check_settings(work_dir: Path, settings: dict) -> None:
     path = work_dir / SETTINGS_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
+        # Folders cropped before hr_target existed hold the unsharpened crop.
+        previous.setdefault("hr_target", "original")
         changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
         if changed:
             detail = ", ".join(f"{key}: {old!r} before, {new!r} now"
@@ -248,6 +284,7 @@ def run_crop_stage(config: config_dict.ConfigDict, degradation_config=None) -> d
     _require(config, "hr_dir", "work_dir")
     if config.crop_mode not in CROP_MODES:
         raise PrepareError(f"--crop-mode {config.crop_mode!r}: valid are {', '.join(CROP_MODES)}")
+    check_hr_target(config.hr_target)
     scale = degradation_config.scale
     if config.crop_size < 4 * scale or config.crop_size % scale:
         raise PrepareError(f"--crop-size {config.crop_size} must be a multiple of the scale "
@@ -261,6 +298,7 @@ def run_crop_stage(config: config_dict.ConfigDict, degradation_config=None) -> d
         "hr_dir": str(hr_dir.resolve()), "crop_size": config.crop_size,
         "crop_mode": config.crop_mode, "seed": config.seed,
         "crops_per_image": config.crops_per_image if config.crop_mode == "random" else None,
+        "hr_target": config.hr_target,
         "degradation": json.loads(degradation_config.to_json()),
     })
     _remove_stale_temp_files(work_dir)
@@ -274,7 +312,7 @@ def run_crop_stage(config: config_dict.ConfigDict, degradation_config=None) -> d
                                f"{image_base_id(relative)!r}; rename one")
     tasks = [CropTask(index, str(path), path.relative_to(hr_dir).as_posix(), str(work_dir),
                       config.crop_size, config.crop_mode, config.crops_per_image, config.seed,
-                      degradation_config) for index, path in enumerate(paths)]
+                      degradation_config, config.hr_target) for index, path in enumerate(paths)]
     counts = {"images": len(tasks), "written": 0, "reused": 0, "skipped": 0}
     skipped = []
     progress = tqdm(_map_tasks(crop_and_degrade, tasks, config.num_workers), total=len(tasks),
@@ -461,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--crops-per-image", type=int,
         help=f"random mode: crops per HR image (default: {defaults.crops_per_image})")
     add("--seed", type=int, help=f"crop + degradation seed (default: {defaults.seed})")
+    add("--hr-target", choices=HR_TARGETS,
+        help=f"HR image stored: usm = USM-sharpened crop (official), original = the crop "
+             f"(default: {defaults.hr_target})")
     add("--num-workers", type=int, help="crop-stage processes (default: 1, in this process)")
     add("--captions", help="precomputed captions JSONL; the caption stage then runs no model")
     add("--highlevel-model", help="local LLaVA-1.5 folder for the high-level prompts")

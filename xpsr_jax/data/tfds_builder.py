@@ -24,6 +24,12 @@ or with the builder directly (``XpsrPairs(config=..., data_dir=..., source_dir=.
 then ``download_and_prepare()``). Read back with no TensorFlow installed::
 
     tfds.data_source("xpsr_pairs/prepared", data_dir="tfds")["train"][0]
+    read_hr_target("tfds")    # "usm" | "original" | "unknown": what the HR images are
+
+The dataset's ``metadata.json`` (``builder.info.metadata``) records ``hr_target``: ``usm``
+(HR = the USM-sharpened crop, the official make_train.py default), ``original`` (the crop), or
+``unknown`` (official layout: HR stored as found). Datasets built before it existed have no
+``metadata.json``; ``read_hr_target`` says ``unknown`` for them.
 
 Parallel builds (TFDS' Beam path needs Beam and TF, so it is not used): the sorted example
 list is cut into ``num_parts`` contiguous parts, each part is an ordinary build of
@@ -76,6 +82,9 @@ OFFICIAL_PROMPT_DIRS = {
 }
 DEGRADATION_FILE = "degradation.jsonl"
 CAPTIONS_FILE = "captions.jsonl"
+PREPARE_SETTINGS_FILE = "prepare_settings.json"  # written by xpsr_jax.data.prepare's crop stage
+HR_TARGETS = ("usm", "original")
+UNKNOWN_HR_TARGET = "unknown"
 _PARTS_DIR = ".xpsr_parts"
 
 
@@ -194,6 +203,23 @@ def read_degradation_records(path: str | os.PathLike) -> dict[str, dict]:
     return records
 
 
+def prepared_hr_target(work_dir: str | os.PathLike) -> str:
+    """The `hr_target` a prepare work folder was cropped with ("usm" / "original"), from its
+    settings file; "original" for folders cropped before the setting existed, "unknown"
+    without a settings file (a folder not written by prepare)."""
+    path = Path(work_dir) / PREPARE_SETTINGS_FILE
+    if not path.is_file():
+        return UNKNOWN_HR_TARGET
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetSourceError(f"{path}: not valid JSON ({error})") from None
+    value = settings.get("hr_target", "original")
+    if value not in HR_TARGETS:
+        raise DatasetSourceError(f"{path}: hr_target={value!r}; valid are {', '.join(HR_TARGETS)}")
+    return value
+
+
 def scan_official(roots: str | os.PathLike | Sequence[str | os.PathLike], part_index: int = 0,
                   num_parts: int = 1) -> list[PairSource]:
     """scan_official(root or roots, part_index=0, num_parts=1) -> examples sorted by image id
@@ -264,7 +290,9 @@ _PREPARED_DESCRIPTION = """\
 XPSR LR/HR training pairs made by `python -m xpsr_jax.data.prepare`: HR crops, LR from the
 Real-ESRGAN second-order degradation at x4 (native LR size), the degradation parameters
 drawn for each example, and MLLM prompts (high-level content / low-level quality) of both
-the LR and the HR image. Images are lossless 8-bit RGB PNG."""
+the LR and the HR image. Images are lossless 8-bit RGB PNG. metadata.json `hr_target`: `usm`
+when the HR images are the USM-sharpened crops (the official make_train.py), `original` when
+they are the crops themselves."""
 
 _OFFICIAL_DESCRIPTION = """\
 XPSR LR/HR training pairs converted from the official XPSR folder layout (HR/, LR/,
@@ -292,11 +320,12 @@ class XpsrPairs(tfds.core.GeneratorBasedBuilder):
     ]
 
     def __init__(self, *, source_dir=None, captions_path=None, part_index: int = 0,
-                 num_parts: int = 1, **kwargs):
+                 num_parts: int = 1, hr_target: str | None = None, **kwargs):
         self._source_dir = source_dir
         self._captions_path = captions_path
         self._part_index = part_index
         self._num_parts = num_parts
+        self._hr_target = hr_target  # default: from the source (see _metadata)
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
@@ -323,7 +352,22 @@ class XpsrPairs(tfds.core.GeneratorBasedBuilder):
             description=description,
             features=tfds.features.FeaturesDict(features),
             homepage="https://github.com/qyp2000/XPSR",
+            metadata=self._metadata(),
         )
+
+    def _metadata(self) -> tfds.core.MetadataDict | None:
+        """{"hr_target": ...} when building; None when reading (tfds then loads metadata.json,
+        whereas a dict given here would override the stored values)."""
+        hr_target = self._hr_target
+        if hr_target is None and self._source_dir is not None:
+            hr_target = (UNKNOWN_HR_TARGET if self.builder_config.name == "official"
+                         else prepared_hr_target(self._source_dir))
+        if hr_target is None:
+            return None
+        if hr_target not in (*HR_TARGETS, UNKNOWN_HR_TARGET):
+            raise ValueError(f"hr_target={hr_target!r}: valid are "
+                             f"{', '.join((*HR_TARGETS, UNKNOWN_HR_TARGET))}")
+        return tfds.core.MetadataDict(hr_target=hr_target)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
@@ -409,7 +453,7 @@ def merge_parts(*, config_name: str, data_dir: str | os.PathLike, num_parts: int
     final_dir = dataset_dir(data_dir, config_name)
     if is_built(data_dir, config_name):
         return final_dir
-    part_builders = []
+    part_builders, part_hr_targets = [], set()
     for index in range(num_parts):
         part_dir = dataset_dir(part_data_dir(data_dir, config_name, index, num_parts), config_name)
         if not (part_dir / "dataset_info.json").is_file():
@@ -418,6 +462,10 @@ def merge_parts(*, config_name: str, data_dir: str | os.PathLike, num_parts: int
                 "build every part before merging"
             )
         part_builders.append(tfds.builder_from_directory(os.fspath(part_dir)))
+        part_hr_targets.add(_stored_hr_target(part_dir))
+    if len(part_hr_targets) > 1:
+        raise DatasetSourceError(f"the parts of {final_dir} were built from work folders with "
+                                 f"different hr_target settings: {sorted(part_hr_targets)}")
 
     shard_files, shard_lengths = [], []
     for builder in part_builders:
@@ -437,7 +485,8 @@ def merge_parts(*, config_name: str, data_dir: str | os.PathLike, num_parts: int
         num_bytes += shard_file.stat().st_size
         _link_or_copy(shard_file, Path(os.fspath(target)))
 
-    info = XpsrPairs(config=config_name, data_dir=os.fspath(data_dir)).info
+    info = XpsrPairs(config=config_name, data_dir=os.fspath(data_dir),
+                     hr_target=part_hr_targets.pop()).info
     split_info = tfds.core.SplitInfo(
         name=SPLIT, shard_lengths=shard_lengths, num_bytes=num_bytes,
         filename_template=template.replace(data_dir=final_dir),
@@ -496,3 +545,33 @@ def build_dataset(*, config_name: str, source_dir, data_dir: str | os.PathLike,
             for future in [pool.submit(build_part, **kwargs) for kwargs in part_kwargs]:
                 future.result()
     return merge_parts(config_name=config_name, data_dir=data_dir, num_parts=num_parts)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _stored_hr_target(version_dir: Path) -> str:
+    path = version_dir / "metadata.json"
+    if not path.is_file():
+        return UNKNOWN_HR_TARGET
+    try:
+        value = json.loads(path.read_text()).get("hr_target", UNKNOWN_HR_TARGET)
+    except (json.JSONDecodeError, AttributeError):
+        raise DatasetSourceError(f"{path}: not a JSON object") from None
+    return value if value in HR_TARGETS else UNKNOWN_HR_TARGET
+
+
+def read_hr_target(data_dir: str | os.PathLike, dataset: str = f"{DATASET_NAME}/prepared") -> str:
+    """read_hr_target(data_dir, dataset="xpsr_pairs/prepared") -> "usm" | "original" | "unknown".
+
+    What the dataset's HR images are: "usm" (USM-sharpened crops, as the official data script
+    saves them), "original" (unsharpened crops), or "unknown" (the official layout, or a
+    dataset built before this was recorded). `dataset` is "name/config[:version]" as for
+    `tfds.data_source`. Raises DatasetSourceError when the dataset is not built there.
+    """
+    name_config, _, version = dataset.partition(":")
+    version_dir = Path(data_dir) / name_config / (version or str(XpsrPairs.VERSION))
+    if not (version_dir / "dataset_info.json").is_file():
+        raise DatasetSourceError(f"dataset {dataset!r} is not built in {data_dir} "
+                                 f"({version_dir / 'dataset_info.json'} does not exist)")
+    return _stored_hr_target(version_dir)

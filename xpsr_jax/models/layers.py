@@ -83,8 +83,11 @@ class GroupNorm(nnx.Module):
     """torch.nn.GroupNorm over the channel (last) axis of NHWC / NLC input.
 
     Statistics are always computed in float32 (two-pass variance), as PyTorch autocast does,
-    so bf16 compute does not lose the normalisation.
+    so bf16 compute does not lose the normalisation. With `stats_axis_name` set (the tiled VAE
+    sets it on a copy), the statistics are pooled over that vmapped axis with `lax.pmean`.
     """
+
+    stats_axis_name: str | None = None
 
     def __init__(self, num_groups: int, num_channels: int, *, epsilon: float, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
@@ -101,7 +104,11 @@ class GroupNorm(nnx.Module):
         channels = shape[-1]
         grouped = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, channels // self.num_groups)
         mean = grouped.mean(axis=(1, 3), keepdims=True)
+        if self.stats_axis_name is not None:
+            mean = jax.lax.pmean(mean, self.stats_axis_name)
         var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        if self.stats_axis_name is not None:
+            var = jax.lax.pmean(var, self.stats_axis_name)
         normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
         out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return out.astype(self.dtype)

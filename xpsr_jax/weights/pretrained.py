@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import rnglib
 
 from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict
 from xpsr_jax.weights.files import read_state_dict, resolve_weights_file, write_state_dict
+
+
+@contextlib.contextmanager
+def untracked_rng_counts():
+    """Inside `nnx.eval_shape`, let RNG streams draw keys without updating their traced counters.
+
+    Under tracing every `rngs.params()` writes a tracer into the stream's counter, and flax's
+    `Variable.set_value` then reads `tracer.sharding`, whose error message walks the whole jaxpr:
+    quadratic in the number of layers (measured: 103 s to build the tiny XPSR UNet abstractly on
+    a loaded 2-core machine). Abstract builds only need shapes, so fresh keys from a Python
+    counter do. Not thread-safe: only for abstract model construction.
+    """
+    original = rnglib.RngStream.__call__
+    counter = itertools.count()
+
+    def draw(self):
+        return jax.random.fold_in(self.key[...], next(counter))
+
+    rnglib.RngStream.__call__ = draw
+    try:
+        yield
+    finally:
+        rnglib.RngStream.__call__ = original
+
+
+def eval_shape_model(build):
+    """`nnx.eval_shape(build)` with untracked RNG counts (see `untracked_rng_counts`)."""
+    with untracked_rng_counts():
+        return nnx.eval_shape(build)
 
 
 class PretrainedMixin:
@@ -50,7 +83,7 @@ class PretrainedMixin:
         config = cls.config_class.from_json_file(folder / "config.json")
         weights_path = resolve_weights_file(folder, cls.weights_stem)
         state_dict = read_state_dict(weights_path)
-        abstract = nnx.eval_shape(
+        abstract = eval_shape_model(
             lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, **model_kwargs)
         )
         return load_state_dict_into(

@@ -1,0 +1,109 @@
+"""The inference recipe as one locked ConfigDict, and its validation (errors name the key)."""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+from xpsr_jax.schedulers import SAMPLERS
+
+INIT_MODES = ("lr_latent", "noise")
+COLOR_FIXES = ("adain", "wavelet", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
+TIMESTEP_SPACINGS = ("", "leading", "linspace", "trailing")
+
+# The official test script's prompts (configs/xpsr_test.yaml and pipeline_xpsr.py).
+ADDED_PROMPT = "clean, high-resolution, 8k, high quality, clear text."
+NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."
+LOWLEVEL_NEGATIVE_PROMPT = "high resolution, best quality, clear"
+
+
+def default_infer_config() -> config_dict.ConfigDict:
+    """The official test recipe (test.py + configs/xpsr_test.yaml of the release)."""
+    config = config_dict.ConfigDict()
+    config.sampler = "ddpm"  # one of xpsr_jax.schedulers.SAMPLERS
+    config.num_inference_steps = 20
+    # "" keeps the scheduler file's timestep_spacing (or each sampler's diffusers default).
+    config.timestep_spacing = ""
+    # UniPC last step: "sigma_min" = diffusers 0.21.4, which the release pins (current default "zero").
+    config.final_sigmas_type = "sigma_min"
+    config.guidance_scale = 4.5  # classifier-free guidance; <= 1 runs without the negative batch
+    config.conditioning_scale = 1.0  # ControlNet residual scale
+    config.init = "lr_latent"  # "lr_latent": VAE latent of the upscaled LR, noised; "noise": pure noise
+    config.added_noise_level = 800  # second noising level of the LR latent; -1 = off
+    config.process_size = 512  # the x4 image's short side is raised to this when smaller
+    config.upscale = 4
+    config.added_prompt = ADDED_PROMPT  # appended to every high-level prompt after one space
+    config.negative_prompt = NEGATIVE_PROMPT
+    config.lowlevel_negative_prompt = LOWLEVEL_NEGATIVE_PROMPT
+    config.color_fix = "adain"  # "adain" | "wavelet" | "none", against the upscaled LR
+    config.tiling = config_dict.ConfigDict()
+    config.tiling.enabled = True
+    config.tiling.latent_tile_size = 320  # latent px; the reference tiles when h * w > size ** 2
+    config.tiling.latent_tile_overlap = 8
+    config.tiling.tile_batch_size = 8  # latent tiles per UNet call (tiles of one image batched)
+    config.tiling.vae_encoder_tile_size = 1024  # image px; tiles padded by 32 px
+    config.tiling.vae_decoder_tile_size = 224  # latent px; tiles padded by 11 latent px
+    config.dtype = "float32"  # compute dtype of every network (the official test runs fp32)
+    config.param_dtype = "float32"
+    config.attention_backend = "auto"
+    config.batch_size = 8  # images per jitted call (rounded up to a multiple of the device count)
+    config.seed = 0  # every image's draws come from this seed (so results do not depend on batching)
+    config.lock()
+    return config
+
+
+def validate_infer_config(config: config_dict.ConfigDict) -> None:
+    """Raises ValueError naming the first bad key, its value and what is valid."""
+    def bad(key: str, valid: str) -> ValueError:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        return ValueError(f"inference config: {key}={value!r} is invalid; valid: {valid}")
+
+    def positive_int(key: str, value) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad(key, "an integer >= 1")
+
+    if config.sampler not in SAMPLERS:
+        raise bad("sampler", " | ".join(SAMPLERS))
+    positive_int("num_inference_steps", config.num_inference_steps)
+    if config.num_inference_steps > 1000:
+        raise bad("num_inference_steps", "at most the number of training timesteps (1000)")
+    if config.timestep_spacing not in TIMESTEP_SPACINGS:
+        raise bad("timestep_spacing", " | ".join(repr(s) for s in TIMESTEP_SPACINGS))
+    if config.final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise bad("final_sigmas_type", " | ".join(FINAL_SIGMAS_TYPES))
+    if not isinstance(config.guidance_scale, (int, float)) or config.guidance_scale < 0:
+        raise bad("guidance_scale", "a number >= 0 (<= 1 disables classifier-free guidance)")
+    if not isinstance(config.conditioning_scale, (int, float)):
+        raise bad("conditioning_scale", "a number")
+    if config.init not in INIT_MODES:
+        raise bad("init", " | ".join(INIT_MODES))
+    if not isinstance(config.added_noise_level, int) or not -1 <= config.added_noise_level < 1000:
+        raise bad("added_noise_level", "an integer timestep in [0, 999], or -1 for none")
+    positive_int("process_size", config.process_size)
+    if config.process_size % 8:
+        raise bad("process_size", "a multiple of 8")
+    positive_int("upscale", config.upscale)
+    for key in ("added_prompt", "negative_prompt", "lowlevel_negative_prompt"):
+        if not isinstance(config[key], str):
+            raise bad(key, "a string")
+    if config.color_fix not in COLOR_FIXES:
+        raise bad("color_fix", " | ".join(COLOR_FIXES))
+    tiling = config.tiling
+    for key in ("latent_tile_size", "tile_batch_size", "vae_encoder_tile_size", "vae_decoder_tile_size"):
+        positive_int(f"tiling.{key}", tiling[key])
+    if not isinstance(tiling.latent_tile_overlap, int) or not 0 <= tiling.latent_tile_overlap < tiling.latent_tile_size:
+        raise bad("tiling.latent_tile_overlap", f"an integer in [0, tiling.latent_tile_size={tiling.latent_tile_size})")
+    if tiling.vae_encoder_tile_size % 8:
+        raise bad("tiling.vae_encoder_tile_size", "a multiple of 8 (the VAE's downsampling)")
+    for key in ("dtype", "param_dtype"):
+        if config[key] not in DTYPES:
+            raise bad(key, " | ".join(DTYPES))
+    from xpsr_jax.models.attention import ATTENTION_BACKENDS
+    if config.attention_backend not in ATTENTION_BACKENDS:
+        raise bad("attention_backend", " | ".join(ATTENTION_BACKENDS))
+    positive_int("batch_size", config.batch_size)
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise bad("seed", "an integer >= 0")

@@ -1,0 +1,285 @@
+"""`XPSRPipeline`: load once, then super-resolve batches with one compiled call per image size.
+
+    pipe = XPSRPipeline.from_pretrained("xpsr-release", sd15="stable-diffusion-v1-5")
+    images = pipe(lr_images, highlevel_prompts, lowlevel_prompts)          # list of uint8, 4x each
+
+    conditioning = preprocess_lr(lr, pipe.config.process_size)              # the reference's resizing
+    embeds = pipe.encode_prompts([caption], [quality_description])
+    out = pipe.sample(conditioning[None], embeds, seeds=[0])                 # SampleOutput
+
+Batches are sharded over a `jax.sharding.Mesh` of this process's devices (axis "data"; the
+batch is padded to a multiple of the device count), network states are replicated, and the
+sampling function is compiled once per (batch, height, width, draw source) and reused. In a
+multi-process run each process works on its own share of images with its own devices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_dict
+
+from xpsr_jax.inference.config import default_infer_config, validate_infer_config
+from xpsr_jax.inference.preprocess import preprocess_lr, resize_output
+from xpsr_jax.inference.sampling import (PromptEmbeds, SampleOutput, SamplingNoise, SamplingPlan, sample,
+                                         split_networks)
+from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, load_clip_tokenizer, load_xpsr, tokenize
+from xpsr_jax.schedulers import load_scheduler_config, make_sampler, noise_schedule_from_config
+
+SD15_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class WeightsFolderError(FileNotFoundError):
+    """A weights or base-model folder that is not what the pipeline needs (the message says why)."""
+
+
+def resolve_sd15(weights: Path, sd15: str | os.PathLike | None) -> Path:
+    """The SD 1.5 base folder: `sd15`, else `weights` when it has every base subfolder."""
+    base = Path(sd15) if sd15 is not None else weights
+    missing = [part for part in SD15_PARTS if not (base / part).is_dir()]
+    if missing:
+        hint = "" if sd15 is not None else " (pass sd15=<the SD 1.5 folder>)"
+        raise WeightsFolderError(f"{base}: missing SD 1.5 subfolder(s) {missing}; the pipeline needs "
+                                 f"{list(SD15_PARTS)}{hint}")
+    return base
+
+
+def load_sampling_networks(weights: str | os.PathLike, **model_kwargs):
+    """(unet, controlnet) from an official-layout release folder (unet/ + controlnet/)."""
+    folder = Path(weights)
+    if not folder.is_dir():
+        raise WeightsFolderError(f"{folder}: weights folder not found")
+    if (folder / "unet").is_dir() and (folder / "controlnet").is_dir():
+        return load_xpsr(folder, **model_kwargs)
+    raise WeightsFolderError(f"{folder}: not an XPSR release (needs unet/ and controlnet/ subfolders)")
+
+
+def _as_config(config: config_dict.ConfigDict | None) -> config_dict.ConfigDict:
+    config = default_infer_config() if config is None else config
+    validate_infer_config(config)
+    return config
+
+
+class XPSRPipeline:
+    """The XPSR super-resolution pipeline (see the module docstring)."""
+
+    def __init__(self, *, unet, controlnet, vae, text_encoder, tokenizer, scheduler_config: dict,
+                 config: config_dict.ConfigDict | None = None, devices: Sequence[jax.Device] | None = None):
+        self.config = _as_config(config)
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.noise_schedule = noise_schedule_from_config(self.scheduler_config)
+        cfg = self.config
+        sampler_options = {"final_sigmas_type": cfg.final_sigmas_type} if cfg.sampler == "unipc" \
+            else {}
+        if cfg.timestep_spacing:
+            sampler_options["timestep_spacing"] = cfg.timestep_spacing
+        self.sampler = make_sampler(cfg.sampler, self.scheduler_config, cfg.num_inference_steps, **sampler_options)
+        self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._batch_sharding = NamedSharding(self.mesh, P("data"))
+        self._step_sharding = NamedSharding(self.mesh, P(None, "data"))
+        self.networks, states = split_networks(unet, controlnet, vae)
+        self.states = jax.device_put(states, self._replicated)
+        self.text_encoder_def, text_state = nnx.split(text_encoder)
+        self.text_encoder_state = jax.device_put(text_state, self._replicated)
+        tiling = cfg.tiling
+        self.plan = SamplingPlan(
+            sampler=self.sampler, noise_schedule=self.noise_schedule, guidance_scale=float(cfg.guidance_scale),
+            conditioning_scale=float(cfg.conditioning_scale), init=cfg.init,
+            added_noise_level=int(cfg.added_noise_level), color_fix=cfg.color_fix,
+            scaling_factor=float(vae.config.scaling_factor), tiling=bool(tiling.enabled),
+            latent_tile_size=tiling.latent_tile_size, latent_tile_overlap=tiling.latent_tile_overlap,
+            tile_batch_size=tiling.tile_batch_size, vae_encoder_tile_size=tiling.vae_encoder_tile_size,
+            vae_decoder_tile_size=tiling.vae_decoder_tile_size)
+        self._compiled: OrderedDict = OrderedDict()
+        self._encode_text = jax.jit(lambda state, ids: nnx.merge(self.text_encoder_def, state)(ids))
+        self.trace_count = 0  # times the sampling function was traced (one per compiled shape)
+
+    @classmethod
+    def from_pretrained(cls, weights: str | os.PathLike, sd15: str | os.PathLike | None = None,
+                        config: config_dict.ConfigDict | None = None, **kwargs) -> "XPSRPipeline":
+        """`weights`: an official-layout release (unet/, controlnet/); `sd15`: the base folder with
+        vae/, text_encoder/, tokenizer/, scheduler/ (default: `weights`, when it has them)."""
+        config = _as_config(config)
+        weights = Path(weights)
+        base = resolve_sd15(weights, sd15)
+        model_kwargs = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+        unet, controlnet = load_sampling_networks(weights, attention_backend=config.attention_backend,
+                                                  **model_kwargs)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", attention_backend=config.attention_backend,
+                                            **model_kwargs)
+        text_encoder = CLIPTextEncoder.from_pretrained(base, subfolder="text_encoder",
+                                                       attention_backend=config.attention_backend, **model_kwargs)
+        return cls(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
+                   tokenizer=load_clip_tokenizer(base / "tokenizer"),
+                   scheduler_config=load_scheduler_config(base / "scheduler"), config=config, **kwargs)
+
+    # ------------------------------------------------------------------ prompts
+
+    def highlevel_prompt(self, caption: str) -> str:
+        """The high-level prompt as the reference builds it: caption + " " + added prompt."""
+        return f"{caption} {self.config.added_prompt}" if self.config.added_prompt else caption
+
+    def _embed(self, texts: Sequence[str]) -> jax.Array:
+        ids = tokenize(self.tokenizer, list(texts))
+        return self._encode_text(self.text_encoder_state, jnp.asarray(ids))
+
+    def encode_prompts(self, highlevel_prompts: Sequence[str], lowlevel_prompts: Sequence[str]) -> PromptEmbeds:
+        """Text embeddings (B, 77, D) of the high-level prompts (with the added prompt), the
+        low-level prompts and both negatives from the config."""
+        highlevel_prompts, lowlevel_prompts = list(highlevel_prompts), list(lowlevel_prompts)
+        if len(highlevel_prompts) != len(lowlevel_prompts):
+            raise ValueError(f"encode_prompts: {len(highlevel_prompts)} high-level prompts but "
+                             f"{len(lowlevel_prompts)} low-level prompts; give one of each per image")
+        count = len(highlevel_prompts)
+        embeds = self._embed([self.highlevel_prompt(p) for p in highlevel_prompts] + list(lowlevel_prompts)
+                             + [self.config.negative_prompt, self.config.lowlevel_negative_prompt])
+        negative = jnp.broadcast_to(embeds[2 * count], (count,) + embeds.shape[1:])
+        lowlevel_negative = jnp.broadcast_to(embeds[2 * count + 1], (count,) + embeds.shape[1:])
+        return PromptEmbeds(embeds[:count], negative, embeds[count:2 * count], lowlevel_negative)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample_fn(self, shape: tuple[int, ...], injected: bool, with_steps: bool):
+        key = (shape, injected, with_steps)
+        if key not in self._compiled:
+            def fn(states, conditioning, embeds, noise, keys):
+                self.trace_count += 1
+                return sample(self.networks, self.plan, states, conditioning, embeds, noise, keys)
+
+            batch = self._batch_sharding
+            noise_sharding = SamplingNoise(batch, batch, batch, self._step_sharding if with_steps else None) \
+                if injected else None
+            out_sharding = SampleOutput(batch, batch, batch, batch)
+            self._compiled[key] = jax.jit(
+                fn, in_shardings=(self._replicated, batch, PromptEmbeds(batch, batch, batch, batch), noise_sharding,
+                                  None if injected else batch),
+                out_shardings=out_sharding)
+        return self._compiled[key]
+
+    def _padded(self, array, count: int, axis: int = 0):
+        """Pad the batch axis to `count` by repeating the last entry (dropped afterwards)."""
+        array = jnp.asarray(array) if not isinstance(array, np.ndarray) else array
+        missing = count - array.shape[axis]
+        if missing == 0:
+            return array
+        last = np.take(np.asarray(array), [-1], axis=axis)
+        return np.concatenate([np.asarray(array), np.repeat(last, missing, axis=axis)], axis=axis)
+
+    def sample_on_devices(self, conditioning_uint8, prompt_embeds: PromptEmbeds, *,
+                          seeds: Sequence[int] | None = None, noise: SamplingNoise | None = None):
+        """`sample`, returning (SampleOutput of sharded device arrays padded to a multiple of the
+        device count, the real batch size)."""
+        conditioning_uint8 = np.asarray(conditioning_uint8)
+        if conditioning_uint8.dtype != np.uint8 or conditioning_uint8.ndim != 4 or conditioning_uint8.shape[-1] != 3:
+            raise ValueError(f"sample: conditioning must be uint8 (B, H, W, 3); got {conditioning_uint8.dtype} "
+                             f"{conditioning_uint8.shape}")
+        batch, height, width = conditioning_uint8.shape[:3]
+        if height % 8 or width % 8:
+            raise ValueError(f"sample: conditioning is {width}x{height}; both sides must be multiples of 8 "
+                             f"(use preprocess_lr)")
+        for name, array in zip(PromptEmbeds._fields, prompt_embeds):
+            if array.shape[0] != batch:
+                raise ValueError(f"sample: prompt_embeds.{name} has batch {array.shape[0]}, images {batch}")
+        latent_shape = (batch, height // 8, width // 8, 4)
+        if noise is not None:
+            self._check_noise(noise, latent_shape)
+            keys = None
+        else:
+            seeds = [self.config.seed] * batch if seeds is None else list(seeds)
+            if len(seeds) != batch:
+                raise ValueError(f"sample: {len(seeds)} seeds for {batch} images")
+            keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
+        devices = self.mesh.devices.size
+        padded_batch = -(-batch // devices) * devices
+        pad = lambda a, axis=0: self._padded(a, padded_batch, axis)  # noqa: E731
+        conditioning = pad(conditioning_uint8.astype(np.float32) / 255.0)
+        embeds = PromptEmbeds(*(pad(e) for e in prompt_embeds))
+        with_steps = noise is not None and noise.steps is not None
+        if noise is not None:
+            noise = SamplingNoise(pad(noise.vae_sample), pad(noise.first), pad(noise.added),
+                                  pad(noise.steps, axis=1) if with_steps else None)
+        else:
+            keys = pad(keys)
+        fn = self._sample_fn((padded_batch, height, width), noise is not None, with_steps)
+        put = lambda tree: jax.device_put(tree, self._batch_sharding)  # noqa: E731
+        if noise is not None:
+            noise = SamplingNoise(*(put(a) for a in noise[:3]),
+                                  jax.device_put(noise.steps, self._step_sharding) if with_steps else None)
+        return fn(self.states, put(conditioning), put(embeds), noise, None if keys is None else put(keys)), batch
+
+    def sample(self, conditioning_uint8, prompt_embeds: PromptEmbeds, *, seeds: Sequence[int] | None = None,
+               noise: SamplingNoise | None = None) -> SampleOutput:
+        """Sample a batch of preprocessed conditioning images (B, H, W, 3) uint8 (see `preprocess_lr`).
+
+        Draws come from `noise` when given (every draw injected), else from keys derived from each
+        image's seed (default: config.seed), so an image's result does not depend on its batch.
+        Returns numpy arrays.
+        """
+        out, batch = self.sample_on_devices(conditioning_uint8, prompt_embeds, seeds=seeds, noise=noise)
+        return SampleOutput(*(np.asarray(a)[:batch] for a in out))
+
+    def _check_noise(self, noise: SamplingNoise, latent_shape: tuple[int, ...]) -> None:
+        for name in ("vae_sample", "first", "added"):
+            array = getattr(noise, name)
+            if tuple(np.shape(array)) != latent_shape:
+                raise ValueError(f"sample: noise.{name} must have shape {latent_shape} (NHWC latents); "
+                                 f"got {tuple(np.shape(array))}")
+        if self.sampler.needs_step_noise:
+            expected = (len(self.sampler.timesteps),) + latent_shape
+            if noise.steps is None or tuple(np.shape(noise.steps)) != expected:
+                got = None if noise.steps is None else tuple(np.shape(noise.steps))
+                raise ValueError(f"sample: the {self.config.sampler} sampler draws noise at every step; "
+                                 f"noise.steps must have shape {expected}, got {got}")
+
+    # ------------------------------------------------------------------ images in, images out
+
+    def __call__(self, lr_images: Sequence[np.ndarray], highlevel_prompts: Sequence[str],
+                 lowlevel_prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
+                 noise: Sequence[SamplingNoise] | None = None) -> list[np.ndarray]:
+        """Super-resolve LR images (uint8 (H, W, 3) each); returns uint8 images of exactly
+        upscale x each input. Images of the same processed size are batched together
+        (config.batch_size per call); `noise`, if given, is one single-image SamplingNoise
+        (batch 1) per input."""
+        lr_images = list(lr_images)
+        count = len(lr_images)
+        if not (len(highlevel_prompts) == len(lowlevel_prompts) == count):
+            raise ValueError(f"pipeline: {count} images, {len(highlevel_prompts)} high-level and "
+                             f"{len(lowlevel_prompts)} low-level prompts; give one of each per image")
+        seeds = [self.config.seed] * count if seeds is None else list(seeds)
+        if len(seeds) != count or (noise is not None and len(noise) != count):
+            raise ValueError(f"pipeline: seeds/noise must have one entry per image ({count})")
+        conditioning = [preprocess_lr(image, self.config.process_size, upscale=self.config.upscale)
+                        for image in lr_images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(conditioning):
+            groups.setdefault(image.shape[:2], []).append(index)
+        results: list[np.ndarray | None] = [None] * count
+        for indices in groups.values():
+            for start in range(0, len(indices), self.config.batch_size):
+                chunk = indices[start:start + self.config.batch_size]
+                embeds = self.encode_prompts([highlevel_prompts[i] for i in chunk],
+                                             [lowlevel_prompts[i] for i in chunk])
+                chunk_noise = None
+                if noise is not None:
+                    parts = [noise[i] for i in chunk]
+                    chunk_noise = SamplingNoise(
+                        *(np.concatenate([np.asarray(getattr(p, f)) for p in parts], axis=0)
+                          for f in ("vae_sample", "first", "added")),
+                        None if parts[0].steps is None else np.concatenate([np.asarray(p.steps) for p in parts],
+                                                                           axis=1))
+                out = self.sample(np.stack([conditioning[i] for i in chunk]), embeds,
+                                  seeds=[seeds[i] for i in chunk], noise=chunk_noise)
+                for i, image in zip(chunk, out.images):
+                    results[i] = resize_output(image, lr_images[i].shape, upscale=self.config.upscale)
+        return results

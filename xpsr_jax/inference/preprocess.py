@@ -1,0 +1,54 @@
+"""The reference's image preprocessing (test.py of the release), with PIL exactly as it does it.
+
+LR -> x`upscale` bicubic -> if the short side is below `process_size`, torchvision's
+`Resize(process_size, BILINEAR)` (short side to `process_size`, long side truncated) -> both sides
+floored to multiples of 8 (bicubic). The sampled image is resized back to exactly `upscale`x the LR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+MIN_SIDE = 8  # smaller inputs carry too little signal to super-resolve (and the VAE needs 8 px)
+
+
+class InputImageError(ValueError):
+    """An input image the pipeline cannot take (the message says why)."""
+
+
+def _check_uint8_rgb(image: np.ndarray, what: str) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise InputImageError(f"{what} must be a uint8 (H, W, 3) RGB array; got {dtype} of shape {shape}")
+
+
+def _short_side_resize(size: tuple[int, int], short: int) -> tuple[int, int]:
+    """torchvision `Resize(int)` on a PIL image: (width, height) with the short side = `short`."""
+    width, height = size
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def preprocess_lr(lr_uint8: np.ndarray, process_size: int, *, upscale: int = 4) -> np.ndarray:
+    """`preprocess_lr(lr (H, W, 3) uint8, process_size) -> uint8 (H', W', 3)`, the conditioning image."""
+    _check_uint8_rgb(lr_uint8, "preprocess_lr input")
+    height, width = lr_uint8.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise InputImageError(f"image is {width}x{height} px; both sides must be at least {MIN_SIDE} px")
+    image = Image.fromarray(lr_uint8).resize((width * upscale, height * upscale), Image.BICUBIC)
+    if min(image.size) < process_size:
+        image = image.resize(_short_side_resize(image.size, process_size), Image.BILINEAR)
+    image = image.resize((image.size[0] // 8 * 8, image.size[1] // 8 * 8), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def resize_output(image_uint8: np.ndarray, lr_shape: tuple[int, ...], *, upscale: int = 4) -> np.ndarray:
+    """The sampled image resized (PIL bicubic) to exactly `upscale` x the LR's (H, W)."""
+    _check_uint8_rgb(image_uint8, "resize_output input")
+    target = (lr_shape[1] * upscale, lr_shape[0] * upscale)
+    if image_uint8.shape[1::-1] == target:
+        return image_uint8
+    return np.asarray(Image.fromarray(image_uint8).resize(target, Image.BICUBIC), dtype=np.uint8)

@@ -1,0 +1,92 @@
+"""Where an image's two prompts come from: the official folder layout, a captions JSONL, or flags.
+
+Official layout (the release's test sets): `ROOT/LR/NAME.png` with `ROOT/highlevel_prompt/NAME.txt`
+and `ROOT/lowlevel_prompt*/NAME.txt` (the release reads `lowlevel_prompt_q`); the first line of
+each file, left-stripped, as the release reads it. A captions JSONL (the `xpsr_jax.captions`
+format) is keyed by image id = file stem, with the LR image's captions (`source` "lr").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from xpsr_jax.captions.io import load_captions
+
+OFFICIAL_LR_FOLDER = "LR"
+OFFICIAL_HIGHLEVEL_FOLDER = "highlevel_prompt"
+OFFICIAL_LOWLEVEL_PREFIX = "lowlevel_prompt"
+OFFICIAL_LOWLEVEL_FOLDER = "lowlevel_prompt_q"
+
+
+class MissingPromptError(LookupError):
+    """No prompt of the requested kind for an image (the message names the image and where)."""
+
+
+def is_official_layout(folder: Path) -> bool:
+    return folder.is_dir() and (folder / OFFICIAL_LR_FOLDER).is_dir()
+
+
+def _first_line(path: Path) -> str:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return lines[0].lstrip() if lines else ""
+
+
+class PromptSource:
+    """`source.prompts(image_path) -> (highlevel caption, lowlevel description)`; raises
+    MissingPromptError naming the image and the missing file or record."""
+
+    def __init__(self, *, official_root: Path | None = None, captions: str | os.PathLike | None = None,
+                 highlevel: str | None = None, lowlevel: str | None = None, caption_source: str = "lr"):
+        self.official_root = official_root
+        self.captions = load_captions(captions) if captions else None
+        self.captions_path = captions
+        self.highlevel, self.lowlevel = highlevel, lowlevel
+        self.caption_source = caption_source
+        self.lowlevel_folder = None
+        if official_root is not None:
+            candidates = sorted(p.name for p in official_root.iterdir()
+                                if p.is_dir() and p.name.startswith(OFFICIAL_LOWLEVEL_PREFIX))
+            self.lowlevel_folder = (OFFICIAL_LOWLEVEL_FOLDER if OFFICIAL_LOWLEVEL_FOLDER in candidates
+                                    else (candidates[0] if candidates else None))
+
+    def describe(self) -> str:
+        parts = []
+        if self.captions is not None:
+            parts.append(f"captions {self.captions_path}")
+        if self.official_root is not None:
+            parts.append(f"official layout {self.official_root}")
+        if self.highlevel is not None or self.lowlevel is not None:
+            parts.append("command line")
+        return ", ".join(parts) or "none"
+
+    def _official(self, image: Path, folder: str | None, kind: str) -> str | None:
+        if self.official_root is None:
+            return None
+        if folder is None:
+            raise MissingPromptError(f"{image}: no {kind} prompt: {self.official_root} has no "
+                                     f"{OFFICIAL_LOWLEVEL_PREFIX}*/ folder")
+        path = self.official_root / folder / f"{image.stem}.txt"
+        if not path.is_file():
+            raise MissingPromptError(f"{image}: no {kind} prompt: {path} does not exist")
+        return _first_line(path)
+
+    def _one(self, image: Path, kind: str, flag_value: str | None, folder: str | None) -> str:
+        if flag_value is not None:
+            return flag_value
+        if self.captions is not None:
+            key = (image.stem, self.caption_source, kind)
+            if key in self.captions:
+                return self.captions[key]
+            if self.official_root is None:
+                raise MissingPromptError(f"{image}: no {kind} prompt: {self.captions_path} has no record for "
+                                         f"image_id {image.stem!r} (source {self.caption_source!r})")
+        value = self._official(image, folder, kind)
+        if value is None:
+            raise MissingPromptError(f"{image}: no {kind} prompt: give --captions, --{kind}-prompt or the "
+                                     f"official folder layout")
+        return value
+
+    def prompts(self, image: Path) -> tuple[str, str]:
+        return (self._one(image, "highlevel", self.highlevel, OFFICIAL_HIGHLEVEL_FOLDER),
+                self._one(image, "lowlevel", self.lowlevel, self.lowlevel_folder))
