@@ -1,16 +1,21 @@
 """The one attention function every attention layer calls, and diffusers' `Attention` layer.
 
 Backends (`attention_backend` in every model config):
-  - "xla":     plain softmax(QK^T)V, fully materialised logits.
-  - "cudnn":   `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention on
-               NVIDIA GPUs; needs bf16/fp16 inputs and a head dim that is a multiple of 8
-               (<= 128, or <= 256 from Hopper on).
-  - "chunked": memory-efficient: queries processed in chunks of `query_chunk_size`, each chunk
-               rematerialised in the backward pass, so peak memory is O(chunk x keys) instead
-               of O(queries x keys). On a 2-core CPU it is also the fastest (2.8x faster
-               than "xla" at 4096 tokens).
-  - "auto":    cudnn where it applies (GPU + half precision + supported head dim), else
-               chunked on CPU and GPU, xla on TPU (XLA:TPU fuses attention well).
+  - "xla":       plain softmax(QK^T)V, fully materialised logits.
+  - "cudnn":     `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention on
+                 NVIDIA GPUs; needs bf16/fp16 inputs and a head dim that is a multiple of 8
+                 (<= 128, or <= 256 from Hopper on).
+  - "chunked":   memory-efficient: queries processed in chunks of `query_chunk_size`, each chunk
+                 rematerialised in the backward pass, so peak memory is O(chunk x keys) instead
+                 of O(queries x keys).
+  - "blockwise": flash-style: query blocks, and inside each an online softmax over key blocks
+                 (running max, running sum, rescaled accumulator), so the logits block of
+                 (batch x heads x query block x key block) stays in cache; block sizes chosen
+                 from the shape (`blockwise_block_sizes`). Each query block is rematerialised
+                 in the backward pass. On CPU this is what PyTorch's SDPA does.
+  - "auto":      cudnn where it applies (GPU + half precision + supported head dim); on TPU xla
+                 (XLA:TPU fuses attention well); on CPU by shape, from the measured crossovers
+                 in `CPU_AUTO_CROSSOVERS`; chunked on other GPUs and GPU fp32.
 """
 
 from __future__ import annotations
@@ -24,12 +29,51 @@ from flax import nnx
 
 from xpsr_jax.models.layers import linear
 
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "chunked")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "chunked", "blockwise")
 # Query chunk of the "chunked" backend. Measured on a 2-core CPU, 2 x 8 heads x 40 dims:
 # 4096 tokens take 652 ms with 128-query chunks, 1055 ms with 256+, 1854 ms unchunked (PyTorch
 # SDPA 313 ms); on GPUs chunks only bound memory, so they stay large.
 CPU_QUERY_CHUNK_SIZE = 128
 ACCELERATOR_QUERY_CHUNK_SIZE = 1024
+
+# "blockwise": queries per block, and the logits-block budget (batch x heads x query block x
+# key block fp32 values) the key block is sized to. A prototype sweep on the 2-core CPU (AMD
+# EPYC, 512 KiB L2 per core, 32 MiB L3), batch 2, ms for (query, key) blocks: 4 heads x 8 dims,
+# 2304 tokens: (128, 512) 118, (128, 1024) 146, (256, 512) 300, (64, 512) 284; 4096 tokens:
+# (128, 1024) 296, (256, 512) 232, (64, 512) 667; 8 heads x 40 dims, 4096 tokens: (128, 512)
+# 2456, (256, 256) 2105, (128, 1024) 3499, (64, 512) 3334. Blocks of about 1 M values (4 MiB,
+# in L3 next to the other core's) are the sweet spot; much smaller ones pay loop overhead.
+BLOCKWISE_QUERY_BLOCK = 128
+BLOCKWISE_LOGITS_BLOCK_VALUES = 1 << 20
+BLOCKWISE_MIN_KEY_BLOCK = 128
+
+# What "auto" runs on CPU, by logits per (batch, head) = queries x keys: the first row whose
+# bound is >= the shape's. Measured with `python benchmarks/attention.py --heads 4 --head-dim
+# {8,16} --tokens ... [--kv-tokens 77] --repeats 9` on the 2-core CPU (shared, load 7-9), fp32,
+# batch 2; ms, medians of round-robin rounds, xla / chunked / blockwise (torch SDPA):
+#   4 x 8,  64 x 64:       0.30 / 0.26 / 0.22  (19.6, overhead-bound)
+#   4 x 8,  256 x 77:      1.03 / 0.98 / 1.57  (16.0)
+#   4 x 8,  256 x 256:     1.84 / 2.32 / 2.40  (6.7)
+#   4 x 16, 256 x 256:     4.64 / 3.07 / 3.17  (7.3)
+#   4 x 8,  576 x 576:     448.6 / 44.0 / 16.1 (38.7)
+#   4 x 8,  1024 x 77:     50.3 / 3.42 / 1.96  (26.9)
+#   4 x 8,  1024 x 1024:   60.1 / 81.1 / 36.0  (79.1)
+#   4 x 16, 1024 x 1024:   71.7 / 130.4 / 46.6 (56.1)
+#   4 x 8,  2304 x 2304:   949.6 / 379.8 / 104.7 (345.6)
+#   4 x 8,  4096 x 77:     370.1 / 38.4 / 15.4 (32.3)
+#   4 x 8,  4096 x 4096:   4963 / 2292 / 664   (1728)
+# Up to 256 x 256 the three are within noise and xla has no loop (nor remat in the backward
+# pass); from 576 x 576 and 1024 x 77 on, blockwise is the fastest at every shape measured.
+CPU_AUTO_CROSSOVERS: tuple[tuple[float, str], ...] = (
+    (256 * 256, "xla"),
+    (float("inf"), "blockwise"),
+)
+
+
+def cpu_auto_backend(q_len: int, k_len: int) -> str:
+    """The backend "auto" picks on CPU for this shape (`CPU_AUTO_CROSSOVERS`)."""
+    logits = q_len * k_len
+    return next(backend for bound, backend in CPU_AUTO_CROSSOVERS if logits <= bound)
 
 
 def validate_backend(backend: str) -> str:
@@ -57,7 +101,10 @@ def resolve_backend(backend: str, query: jax.Array, value: jax.Array) -> str:
         return backend
     if _cudnn_applies(query, value):
         return "cudnn"
-    return "xla" if jax.default_backend() == "tpu" else "chunked"
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return cpu_auto_backend(query.shape[1], value.shape[1])
+    return "xla" if platform == "tpu" else "chunked"
 
 
 def _xla_attention(query, key, value, scale, is_causal):
@@ -83,6 +130,78 @@ def _chunked_attention(query, key, value, scale, chunk_size):
     return out
 
 
+def blockwise_block_sizes(batch: int, heads: int, q_len: int, k_len: int) -> tuple[int, int]:
+    """(query block, key block) for the blockwise backend.
+
+    Queries go in blocks of about `BLOCKWISE_QUERY_BLOCK`; keys in the fewest blocks whose
+    logits block (batch x heads x query block x key block) fits `BLOCKWISE_LOGITS_BLOCK_VALUES`
+    (at least `BLOCKWISE_MIN_KEY_BLOCK` keys). Both lengths are split into equal blocks rounded
+    up to a multiple of 8, so padding stays below 8 per block (2304 keys: 3 x 768, not
+    3 x 1024).
+    """
+    query_block = _even_block(q_len, BLOCKWISE_QUERY_BLOCK)
+    fitting = BLOCKWISE_LOGITS_BLOCK_VALUES // (batch * heads * query_block)
+    return query_block, _even_block(k_len, max(BLOCKWISE_MIN_KEY_BLOCK, fitting))
+
+
+def _even_block(length: int, max_block: int) -> int:
+    """The block size that splits `length` into ceil(length / max_block) near-equal blocks."""
+    if length <= max_block:
+        return length
+    num_blocks = -(-length // max_block)
+    return -(-(-(-length // num_blocks)) // 8) * 8
+
+
+def _blockwise_attention(query, key, value, scale, query_block, key_block):
+    batch, q_len, heads, _ = query.shape
+    k_len, v_dim = key.shape[1], value.shape[-1]
+    num_q, num_k = -(-q_len // query_block), -(-k_len // key_block)
+    q_pad, k_pad = num_q * query_block - q_len, num_k * key_block - k_len
+
+    def blocks(x, length_pad, block):  # (B, L, H, D) -> (num blocks, B, H, block, D)
+        x = jnp.pad(x, ((0, 0), (0, length_pad), (0, 0), (0, 0))) if length_pad else x
+        x = x.reshape(batch, -1, block, heads, x.shape[-1])
+        return jnp.transpose(x, (1, 0, 3, 2, 4))
+
+    if query.dtype == jnp.float32:
+        query, scale = query * scale, 1.0  # one multiply per query instead of per logit
+    query_blocks = blocks(query, q_pad, query_block)
+    key_blocks, value_blocks = blocks(key, k_pad, key_block), blocks(value, k_pad, key_block)
+    key_valid = (jnp.arange(num_k * key_block) < k_len).reshape(num_k, key_block)
+
+    def attend_query_block(q_block):  # (B, H, query block, D) -> (B, H, query block, Dv)
+        def key_step(carry, block):
+            running_max, running_sum, acc = carry
+            k_block, v_block, valid = block
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q_block, k_block,
+                                preferred_element_type=jnp.float32)
+            logits = logits * scale if scale != 1.0 else logits
+            if k_pad:  # only the last block has padding, and never only padding
+                logits = jnp.where(valid, logits, -jnp.inf)
+            # The output does not depend on the shift, so its gradient is exactly zero: stop it.
+            new_max = jax.lax.stop_gradient(jnp.maximum(running_max, logits.max(axis=-1)))
+            probs = jnp.exp(logits - new_max[..., None])
+            rescale = jnp.exp(running_max - new_max)
+            running_sum = running_sum * rescale + probs.sum(axis=-1)
+            acc = acc * rescale[..., None] + jnp.einsum(
+                "bhqk,bhkd->bhqd", probs.astype(v_block.dtype), v_block,
+                preferred_element_type=jnp.float32)
+            return (new_max, running_sum, acc), None
+
+        stats_shape = q_block.shape[:-1]
+        init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+                jnp.zeros((*stats_shape, v_dim), jnp.float32))
+        if num_k == 1:  # one key block: no loop
+            (_, total, acc), _ = key_step(init, (key_blocks[0], value_blocks[0], key_valid[0]))
+        else:
+            (_, total, acc), _ = jax.lax.scan(key_step, init, (key_blocks, value_blocks, key_valid))
+        return (acc / total[..., None]).astype(query.dtype)
+
+    out = jax.lax.map(jax.checkpoint(attend_query_block), query_blocks)  # (nq, B, H, qb, Dv)
+    out = jnp.transpose(out, (1, 0, 3, 2, 4)).reshape(batch, num_q * query_block, heads, v_dim)
+    return out[:, :q_len] if q_pad else out
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -95,11 +214,13 @@ def dot_product_attention(
 ) -> jax.Array:
     """Multi-head attention on (batch, length, heads, head_dim) arrays; returns the query's shape.
 
-    `query_chunk_size` (chunked backend) defaults to 128 on CPU and 1024 on accelerators.
+    `query_chunk_size` (chunked backend) defaults to 128 on CPU and 1024 on accelerators; the
+    blockwise backend sizes its blocks from the shape (`blockwise_block_sizes`). Causal
+    attention (CLIP's 77 tokens) always runs as xla or cudnn.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve_backend(backend, query, value)
-    if backend == "chunked" and is_causal:
+    if backend in ("chunked", "blockwise") and is_causal:
         backend = "xla"  # causal attention here is CLIP's 77 tokens: nothing to save
     if backend == "cudnn":
         return jax.nn.dot_product_attention(
@@ -110,6 +231,10 @@ def dot_product_attention(
             on_cpu = jax.default_backend() == "cpu"
             query_chunk_size = CPU_QUERY_CHUNK_SIZE if on_cpu else ACCELERATOR_QUERY_CHUNK_SIZE
         return _chunked_attention(query, key, value, scale, query_chunk_size)
+    if backend == "blockwise":
+        batch, q_len, heads, _ = query.shape
+        query_block, key_block = blockwise_block_sizes(batch, heads, q_len, key.shape[1])
+        return _blockwise_attention(query, key, value, scale, query_block, key_block)
     return _xla_attention(query, key, value, scale, is_causal)
 
 

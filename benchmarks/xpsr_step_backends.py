@@ -1,0 +1,96 @@
+"""One XPSR step (ControlNet + UNet forward) per attention backend vs PyTorch, timed round-robin.
+
+    python benchmarks/xpsr_step_backends.py --tiny --latent 32      # 256 px, CPU
+    python benchmarks/xpsr_step_backends.py --tiny --latent 48      # 384 px
+
+The same step and models as benchmarks/xpsr_step_speed.py, but every backend and the PyTorch
+reference are compiled / built first and then timed in rounds of one call each, so on a noisy
+shared machine the ratios ours / PyTorch compare calls made under the same load. Prints one
+table: median ms per step over --repeats rounds and the ratio to PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention import round_robin_ms
+from xpsr_step_speed import TINY, _constant_model
+from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
+
+
+def jax_step(config, *, backend, batch, latent):
+    """A no-argument callable running one compiled step with `backend` attention."""
+    dtype = jnp.float32
+    kwargs = dict(dtype=dtype, param_dtype=dtype, attention_backend=backend)
+    unet_def, unet_state = _constant_model(lambda: XPSRUNet(config, rngs=nnx.Rngs(0), **kwargs), dtype)
+    unet = nnx.merge(unet_def, unet_state)
+    cn_def, cn_state = _constant_model(
+        lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0), load_weights_from_unet=False, **kwargs)[0], dtype)
+
+    @jax.jit
+    def step(unet_state, cn_state, sample, timesteps, high, low, cond):
+        control = nnx.merge(cn_def, cn_state)(sample, timesteps, high, low, cond)
+        return nnx.merge(unet_def, unet_state)(sample, timesteps, high, low, control.down_block_res_samples,
+                                              control.mid_block_res_sample)
+
+    args = (unet_state, cn_state, jnp.ones((batch, latent, latent, 4), dtype), jnp.full((batch,), 500),
+            jnp.ones((batch, 77, config.cross_attention_dim), dtype),
+            jnp.ones((batch, 77, config.cross_attention_dim), dtype),
+            jnp.full((batch, 8 * latent, 8 * latent, 3), 0.5, dtype))
+    compiled = step.lower(*args).compile()
+    return lambda: compiled(*args).block_until_ready()
+
+
+def torch_step(config, *, batch, latent):
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
+
+    keys = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    keys = {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items() if k != "sample_size"}
+    unet = XPSRUNetTorch(keys).eval()
+    controlnet = XPSRControlNetTorch.from_unet(unet, load_weights_from_unet=False).eval()
+    sample = torch.ones(batch, 4, latent, latent)
+    timesteps = torch.full((batch,), 500)
+    prompt = torch.ones(batch, 77, config.cross_attention_dim)
+    cond = torch.full((batch, 3, 8 * latent, 8 * latent), 0.5)
+
+    def step():
+        with torch.no_grad():
+            control = controlnet(sample, timesteps, prompt, prompt, cond)
+            unet(sample, timesteps, prompt, prompt, control.down_block_res_samples, control.mid_block_res_sample)
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--backends", nargs="+", default=["auto", "xla", "chunked", "blockwise"])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    config = XPSRUNetConfig(**(TINY if args.tiny else {}))
+    calls = {f"xpsr-jax {backend}": jax_step(config, backend=backend, batch=args.batch, latent=args.latent)
+             for backend in args.backends}
+    calls["PyTorch (SDPA, eager)"] = torch_step(config, batch=args.batch, latent=args.latent)
+    ms = round_robin_ms(calls, args.repeats)
+    torch_ms = ms["PyTorch (SDPA, eager)"]
+    print(f"device: {jax.devices()[0].device_kind}; XPSR {'tiny' if args.tiny else 'SD 1.5 size'}, "
+          f"batch {args.batch}, latent {args.latent} ({8 * args.latent} px), fp32, "
+          f"median of {args.repeats} round-robin rounds")
+    print("| step | ms | ours / PyTorch |\n|---|---:|---:|")
+    for name, value in ms.items():
+        print(f"| {name} | {value:.1f} | {value / torch_ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
