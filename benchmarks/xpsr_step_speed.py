@@ -21,14 +21,16 @@ from flax import nnx
 
 from timing import median_ms, torch_median_ms
 from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
+from xpsr_jax.weights.pretrained import eval_shape_model
 
 TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
 
 
 
 
-def _constant_model(build, dtype):
-    abstract = nnx.eval_shape(build)
+def constant_model(build, dtype):
+    """(graphdef, state) of `build()` with every parameter 0.01, built abstractly (no random init)."""
+    abstract = eval_shape_model(build)
     graphdef, state = nnx.split(abstract)
     state = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 0.01, dtype), state)
     return graphdef, state
@@ -36,9 +38,9 @@ def _constant_model(build, dtype):
 
 def bench_jax(config, *, dtype, backend, batch, latent, repeats):
     kwargs = dict(dtype=dtype, param_dtype=dtype, attention_backend=backend)
-    unet_def, unet_state = _constant_model(lambda: XPSRUNet(config, rngs=nnx.Rngs(0), **kwargs), dtype)
+    unet_def, unet_state = constant_model(lambda: XPSRUNet(config, rngs=nnx.Rngs(0), **kwargs), dtype)
     unet = nnx.merge(unet_def, unet_state)
-    cn_def, cn_state = _constant_model(
+    cn_def, cn_state = constant_model(
         lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0), load_weights_from_unet=False, **kwargs)[0], dtype)
 
     @jax.jit
