@@ -18,7 +18,7 @@ from torch_reference import (  # noqa: E402
 )
 from xpsr_jax.models import load_xpsr  # noqa: E402
 from xpsr_jax.models.tiny import (  # noqa: E402
-    CONDITIONING_EMBEDDING_OUT_CHANNELS, main, write_sd15, write_tiny_model,
+    CONDITIONING_EMBEDDING_OUT_CHANNELS, KERNEL_GAIN, ZERO_INIT_SCALE, main, write_sd15, write_tiny_model,
 )
 from xpsr_jax.weights.files import read_state_dict  # noqa: E402
 
@@ -165,8 +165,10 @@ def test_no_tensor_is_all_zero_or_constant(tiny):
     assert not constant, constant[:20]
     controlnet = read_state_dict(paths.xpsr / "controlnet" / "diffusion_pytorch_model.safetensors")
     for key in ("controlnet_mid_block.weight", "controlnet_down_blocks.0.weight",
-                "controlnet_cond_embedding.conv_out.weight"):  # zero in the official init
-        assert 0.1 < float(np.abs(controlnet[key]).max()) < 10, key
+                "controlnet_cond_embedding.conv_out.weight"):  # zero in the official init: small, not zero
+        fan_in = np.prod(controlnet[key].shape[1:])
+        expected_std = ZERO_INIT_SCALE * KERNEL_GAIN / np.sqrt(fan_in)
+        assert 0.5 * expected_std < float(np.std(controlnet[key])) < 2 * expected_std, key
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tiny, tmp_path):
