@@ -14,13 +14,16 @@
 
 Order of operations (grain `MapDataset`, then `IterDataset`):
 source -> global shuffle (reshuffled every epoch) -> repeat forever -> per-example transform
-(randomness from `(seed, global index)`) -> this process's slice `[process_index::process_count]`
--> threads -> batch (drop remainder) -> tokenize -> optional worker processes.
+(randomness from `(seed, global index)`) -> skip `start_index` examples -> blocks of
+`batch_size` consecutive examples -> this process's blocks `[process_index::process_count]`
+-> threads -> tokenize -> optional worker processes.
 
 Every example's crop, flip and 10%-rule draw depend only on the seed and its position in the
-global stream, so they do not depend on the number of processes, threads or restarts. Batch
-composition depends on `num_workers` (each worker batches its own slice; grain keeps it
-deterministic for a fixed count).
+global stream, so they do not depend on the number of processes, threads, workers or restarts.
+Step `s` of a run with P processes reads the global stream positions
+`[start_index + s*G, start_index + (s+1)*G)` with `G = batch_size * P`, process `p` the block
+`p`: the global batch, laid out process by process, is the same for any process count with the
+same G, and a resumed run only needs the global position (`start_index = steps * G`).
 """
 
 from __future__ import annotations
@@ -270,10 +273,14 @@ def _process_defaults(process_index, process_count) -> tuple[int, int]:
 
 
 def make_train_dataset(config: config_dict.ConfigDict, *, process_index: int | None = None,
-                       process_count: int | None = None) -> grain.IterDataset:
-    """make_train_dataset(config, *, process_index=None, process_count=None) -> IterDataset
-    of this process's batches, infinite. Defaults: jax.process_index() / process_count()."""
+                       process_count: int | None = None, start_index: int = 0
+                       ) -> grain.IterDataset:
+    """make_train_dataset(config, *, process_index=None, process_count=None, start_index=0)
+    -> IterDataset of this process's batches, infinite. Defaults: jax.process_index() /
+    process_count(). `start_index`: the global stream position to start at (resume)."""
     validate_pipeline_config(config)
+    if start_index < 0:
+        raise ValueError(f"start_index={start_index} is invalid; valid: an integer >= 0")
     process_index, process_count = _process_defaults(process_index, process_count)
     load_tokenizer(config.tokenizer_path)  # fail now, not inside a worker
     source = open_data_source(config)
@@ -286,14 +293,14 @@ def make_train_dataset(config: config_dict.ConfigDict, *, process_index: int | N
         .shuffle(seed=config.seed)
         .repeat()  # forever; shuffle sees the epoch in the index and reshuffles
         .map_with_index(TrainExampleTransform(config))
+        [start_index:]
+        .batch(config.batch_size, drop_remainder=True)  # blocks of consecutive positions
         [process_index::process_count]
     )
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=config.num_threads,
                           prefetch_buffer_size=config.prefetch_buffer_size)
-    ).batch(config.batch_size, drop_remainder=True).map(
-        TokenizeBatch(config.tokenizer_path, config.max_length)
-    )
+    ).map(TokenizeBatch(config.tokenizer_path, config.max_length))
     if config.num_workers > 0:
         from absl import flags
 
@@ -308,11 +315,12 @@ def make_train_dataset(config: config_dict.ConfigDict, *, process_index: int | N
 
 
 def make_train_iterator(config: config_dict.ConfigDict, *, process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
-    """make_train_iterator(config, *, process_index=None, process_count=None) -> iterator with
-    get_state() / set_state(); see the module docstring for the batch layout."""
+                        process_count: int | None = None, start_index: int = 0
+                        ) -> grain.DatasetIterator:
+    """make_train_iterator(config, *, process_index=None, process_count=None, start_index=0)
+    -> iterator with get_state() / set_state(); see the module docstring for the layout."""
     return iter(make_train_dataset(config, process_index=process_index,
-                                   process_count=process_count))
+                                   process_count=process_count, start_index=start_index))
 
 
 def iterator_state_bytes(iterator: grain.DatasetIterator) -> bytes:

@@ -1,0 +1,253 @@
+"""XPSR train step speed: xpsr-jax (sharded jitted step) vs the same step in PyTorch on the same device.
+
+    python benchmarks/train_speed.py --dry-run                         # tiny, CPU, well under a minute
+    python benchmarks/train_speed.py --size sd15 --batch 4 --remat attention   # GPU/TPU, 512 px
+    python benchmarks/train_speed.py --size sd15 --attention-backend cudnn --skip-torch
+
+The step is the whole training step: VAE encode + two CLIP passes (frozen, no gradient),
+ControlNet + UNet forward and backward for the trainable params, global-norm clip, AdamW. Weights
+are constants (speed does not depend on their values). Prints compile time, steady step time,
+images/s, peak device memory (where the backend reports it) and MFU from XLA's cost analysis
+against the chip peak table below (dense bf16 FLOP/s per chip; CPU: n/a). The PyTorch side:
+tests/torch_reference networks + diffusers AutoencoderKL + transformers CLIPTextModel, AdamW over
+the trainable params, bf16 autocast on GPU / fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from timing import median_ms  # noqa: E402
+from xpsr_jax.models import (AutoencoderKL, AutoencoderKLConfig, CLIPTextConfig, CLIPTextEncoder,  # noqa: E402
+                             XPSRControlNet, XPSRUNet, XPSRUNetConfig)
+from xpsr_jax.schedulers import noise_schedule_from_config  # noqa: E402
+from xpsr_jax.training import (XPSRModels, create_train_state, global_batch, make_mesh,  # noqa: E402
+                               make_train_step, memory_estimate, format_memory_estimate)
+from xpsr_jax.training.models import remat_block_types  # noqa: E402
+
+# Peak dense bf16 FLOP/s per chip, by substring of jax's device_kind.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+              "TPU v5p": 459e12, "TPU v5": 459e12}
+TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+                 attention_head_dim=4, layers_per_block=1)
+TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, layers_per_block=1)
+TINY_CLIP = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def peak_flops(device) -> float | None:
+    kind = device.device_kind
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+def _constant(build):
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    state = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 0.01, leaf.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+def build_models(size: str, *, dtype, backend: str, remat: str) -> XPSRModels:
+    tiny = size == "tiny"
+    kwargs = dict(dtype=dtype, param_dtype=jnp.float32, attention_backend=backend)
+    unet_config = XPSRUNetConfig(**(TINY_UNET if tiny else {}))
+    unet = _constant(lambda: XPSRUNet(unet_config, rngs=nnx.Rngs(0), **kwargs))
+    controlnet = _constant(lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0), load_weights_from_unet=False,
+                                                            **kwargs)[0])
+    unet.remat_block_types = controlnet.remat_block_types = remat_block_types(remat)
+    vae = _constant(lambda: AutoencoderKL(AutoencoderKLConfig(**(TINY_VAE if tiny else {})), rngs=nnx.Rngs(0),
+                                          **kwargs))
+    clip_config = CLIPTextConfig(**TINY_CLIP) if tiny else CLIPTextConfig.stable_diffusion_v1()
+    text_encoder = _constant(lambda: CLIPTextEncoder(clip_config, rngs=nnx.Rngs(0), **kwargs))
+    return XPSRModels(unet, controlnet, vae, text_encoder)
+
+
+def train_config(args, compute: str):
+    from ml_collections import config_dict
+
+    config = config_dict.ConfigDict()
+    config.total_steps, config.seed = 1000, 0
+    config.optimizer = dict(learning_rate=5e-5, b1=0.9, b2=0.999, weight_decay=1e-2, eps=1e-8, schedule="constant",
+                            warmup_steps=0, grad_clip_norm=1.0, gradient_accumulation_steps=1, ema_decay=0.0)
+    config.loss = dict(dfc_weight=0.05)
+    config.precision = dict(param_dtype="float32", compute_dtype=compute, frozen_dtype=compute, loss_scaling="none")
+    config.mesh = dict(data=-1, fsdp=args.fsdp, shard_trainable=args.fsdp > 1, shard_frozen=False)
+    return config
+
+
+def random_batch(batch: int, resolution: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shape = (batch, resolution, resolution, 3)
+    return {"pixel_values": rng.uniform(-1, 1, shape).astype(np.float32),
+            "conditioning_pixel_values": rng.uniform(0, 1, shape).astype(np.float32),
+            "highlevel_input_ids": rng.integers(0, vocab, (batch, 77)).astype(np.int32),
+            "lowlevel_input_ids": rng.integers(0, vocab, (batch, 77)).astype(np.int32)}
+
+
+def peak_memory_bytes() -> int | None:
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    peaks = [s.get("peak_bytes_in_use") for s in stats if s]
+    return max(peaks) if peaks and all(p is not None for p in peaks) else None
+
+
+def bench_jax(args, compute: str):
+    dtype = jnp.dtype(compute)
+    models = build_models(args.size, dtype=dtype, backend=args.attention_backend, remat=args.remat)
+    config = train_config(args, compute)
+    mesh = make_mesh(config.mesh)
+    state, frozen, graphdefs = create_train_state(models, config, mesh)
+    print("  " + format_memory_estimate(memory_estimate(state, frozen, args.batch, args.resolution)))
+    global_size = args.batch * mesh.size
+    batch = global_batch(random_batch(global_size // jax.process_count(), args.resolution,
+                                      models.text_encoder.config.vocab_size), mesh)
+    schedule = noise_schedule_from_config(SD15_SCHEDULER)
+    step = make_train_step(config, graphdefs, schedule, mesh, state, frozen, batch)
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = step(holder["state"], frozen, batch)
+        jax.block_until_ready(metrics["loss"])
+
+    for _ in range(args.warmup):
+        one()
+    ms = median_ms(one, args.steps)
+    images = global_size / (ms / 1000)
+    peak = peak_flops(jax.devices()[0])
+    flops = step.flops
+    mfu = (f"{100 * flops / (ms / 1000) / peak:.1f}%" if flops and peak else "n/a")
+    memory = peak_memory_bytes()
+    print(f"  xpsr-jax: compile {step.compile_seconds:.1f} s, step {ms:.2f} ms, {images:.2f} images/s "
+          f"(global batch {global_size} on {mesh.size} devices), peak memory "
+          f"{'n/a' if memory is None else f'{memory / 2**30:.2f} GiB'}, XLA flops/step/device "
+          f"{'n/a' if flops is None else f'{flops:.3e}'}, MFU {mfu}", flush=True)
+    return images
+
+
+def bench_torch(args, compute: str):
+    try:
+        import diffusers
+        import torch
+        import transformers
+        from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
+    except ImportError as error:
+        print(f"  PyTorch reference unavailable: {error}")
+        return None
+    import torch.nn.functional as F
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    autocast = device == "cuda" and compute != "float32"
+    tiny = args.size == "tiny"
+    unet_keys = {k: list(v) if isinstance(v, tuple) else v
+                 for k, v in XPSRUNetConfig(**(TINY_UNET if tiny else {})).to_dict().items()
+                 if not k.startswith("_") and k != "sample_size"}
+    unet = XPSRUNetTorch(unet_keys).to(device)
+    controlnet = XPSRControlNetTorch.from_unet(unet, load_weights_from_unet=False).to(device)
+    vae_keys = dict(TINY_VAE, down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4) if tiny else dict(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32)
+    vae = diffusers.AutoencoderKL(**vae_keys).to(device).requires_grad_(False)
+    clip = transformers.CLIPTextConfig(**TINY_CLIP) if tiny else transformers.CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+    text_encoder = transformers.CLIPTextModel(clip).to(device).requires_grad_(False)
+    if autocast:
+        vae.to(torch.bfloat16)
+        text_encoder.to(torch.bfloat16)
+    unet.requires_grad_(False)
+    for name, module in unet.named_modules():
+        if name.endswith(("pixel_attentions", "attentions_lowlevel", "attentions_connect")):
+            module.requires_grad_(True)
+    if args.remat != "none":
+        print("  (PyTorch side runs without gradient checkpointing)")
+    params = list(controlnet.parameters()) + [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    scheduler = diffusers.DDPMScheduler(**SD15_SCHEDULER)
+    batch = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2) if v.ndim == 4 else v)).to(device)
+             for k, v in random_batch(args.batch, args.resolution, clip.vocab_size).items()}
+    weight_dtype = torch.bfloat16 if autocast else torch.float32
+
+    def step():
+        with torch.no_grad():
+            latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample().contiguous()
+            latents = latents * 0.18215
+            high = text_encoder(batch["highlevel_input_ids"].long())[0]
+            low = text_encoder(batch["lowlevel_input_ids"].long())[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = controlnet(noisy, timesteps, high, low, batch["conditioning_pixel_values"].to(weight_dtype))
+            pred = unet(noisy, timesteps, high, low, out.down_block_res_samples, out.mid_block_res_sample)
+            loss = F.mse_loss(pred.float(), noise.float())
+            pixels = batch["pixel_values"].float()
+            for rgb in out.rgb_preds:
+                loss = loss + 0.05 * F.l1_loss(F.interpolate(pixels, size=rgb.shape[-2:], mode="bilinear"), rgb.float())
+            for pred_latent in list(out.latent_preds) + [out.latent_pred_mid]:
+                loss = loss + 0.05 * F.l1_loss(pred_latent.float(), F.interpolate(
+                    latents.float(), size=pred_latent.shape[-2:], mode="bilinear"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    ms = median_ms(step, args.steps)
+    images = args.batch / (ms / 1000)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    print(f"  PyTorch ({device}, {'bf16 autocast' if autocast else 'fp32'}, eager): step {ms:.2f} ms, "
+          f"{images:.2f} images/s (batch {args.batch}), peak memory "
+          f"{'n/a' if memory is None else f'{memory:.2f} GiB'}", flush=True)
+    return images
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "sd15"], default="sd15")
+    parser.add_argument("--batch", type=int, default=None, help="per device; default 4 (sd15) / 2 (tiny)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 512 (sd15) / 64 (tiny)")
+    parser.add_argument("--remat", choices=["none", "attention", "full"], default="none")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="compute dtype; default bfloat16 on accelerators, float32 on CPU")
+    parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="tiny on CPU, 3 steps")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_disable_most_optimizations", True)  # a smoke run: compile fast
+        args.size, args.steps, args.warmup = "tiny", 3, 1
+    args.batch = args.batch or (2 if args.size == "tiny" else 4)
+    args.resolution = args.resolution or (64 if args.size == "tiny" else 512)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    compute = args.dtype or ("float32" if on_cpu else "bfloat16")
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; XPSR train step, size {args.size}, "
+          f"{args.resolution} px, per-device batch {args.batch}, {compute} compute, remat {args.remat}, "
+          f"attention {args.attention_backend}; peak table {PEAK_FLOPS}", flush=True)
+    jax_images = bench_jax(args, compute)
+    if not args.skip_torch:
+        torch_images = bench_torch(args, compute)
+        if torch_images:
+            print(f"  ratio xpsr-jax / PyTorch images/s: {jax_images / (torch_images * jax.device_count()):.2f}x "
+                  f"(per device)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""End-to-end training runs on the tiny model: the loss curve, SIGTERM / SIGKILL resume step for
+step, and a real two-process run. Not collected by the default suite (the name lacks `test_`):
+each run compiles the train step (minutes on a 2-core CPU). Run explicitly:
+
+    python -m pytest tests/train_end_to_end.py -q -s
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train_cli_fixtures import build_tiny_setup, run_and_signal, run_train, run_two_processes
+from xpsr_jax.training import metrics as metrics_lib
+
+TOTAL_STEPS = 12
+LOSS_KEYS = ("loss", "mse", "dfc", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_tiny_setup(tmp_path_factory.mktemp("train_cli"))
+
+
+
+
+def losses(workdir: Path) -> dict[int, dict[str, float]]:
+    records = metrics_lib.read_metrics_jsonl(workdir / "metrics.jsonl")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"steps repeated or out of order: {steps}"
+    return {r["step"]: {k: r[k] for k in LOSS_KEYS} for r in records}
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+
+
+# ----------------------------------------------------------------------------- runs
+
+RUN_FLAGS = (f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every=3",
+             "--config.keep_checkpoints=2", "--config.log_every=1")
+
+
+@pytest.fixture(scope="module")
+def reference_run(setup, tmp_path_factory):
+    """One uninterrupted 1-process run on 4 CPU devices (global batch 4)."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    done = run_train(setup, workdir, *RUN_FLAGS, "--config.pipeline.batch_size=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done
+
+
+@pytest.mark.slow
+def test_tiny_config_trains_and_its_loss_decreases(reference_run):
+    workdir, done = reference_run
+    curve = losses(workdir)
+    assert sorted(curve) == list(range(1, TOTAL_STEPS + 1))
+    print("\nloss curve (step: loss / mse / dfc):")
+    for step, values in curve.items():
+        print(f"  {step:2d}: {values['loss']:.4f} / {values['mse']:.4f} / {values['dfc']:.4f}")
+    print(next(line for line in done.stdout.splitlines() if line.startswith("compiled")))
+    loss = np.array([curve[s]["loss"] for s in sorted(curve)])
+    third = TOTAL_STEPS // 3
+    assert loss[-third:].mean() < loss[:third].mean() * 0.97, loss
+    # the start-up summary, and the scalars TensorBoard sees
+    for text in ("devices: 4 x cpu", "mesh: {'data': 4, 'fsdp': 1}", "global batch: 4",
+                 "trainable", "frozen", "hr_target", "compiled the train step"):
+        assert text in done.stdout, (text, done.stdout)
+    scalars = metrics_lib.read_scalars(workdir / "tensorboard")
+    assert set(scalars) >= {"loss", "mse", "dfc", "learning_rate", "grad_norm",
+                            "images_per_second"}
+    assert scalars["loss"] == {s: pytest.approx(v["loss"], rel=1e-6) for s, v in curve.items()}
+    record = metrics_lib.read_metrics_jsonl(workdir / "metrics.jsonl")[0]
+    assert {"dfc_rgb_0", "dfc_latent_0", "dfc_latent_mid", "learning_rate",
+            "images_per_second"} <= set(record)
+    stored = json.loads((workdir / "config.json").read_text())
+    assert stored["pipeline"]["tokenizer_path"].endswith("tokenizer")
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [9, 12]
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_then_the_same_command_resume_step_for_step(setup, reference_run,
+                                                                        tmp_path):
+    reference = losses(reference_run[0])
+    workdir = tmp_path / "run"
+    flags = (*RUN_FLAGS, "--config.pipeline.batch_size=4")
+    stopped = run_and_signal(setup, workdir, *flags, after_step=2, signal_number=signal.SIGTERM)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM" in stopped.stdout
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+    assert saved and saved[-1] < TOTAL_STEPS  # saved where it stopped, not at a cadence step only
+
+    killed = run_and_signal(setup, workdir, *flags, after_step=saved[-1] + 4,
+                            signal_number=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert f"steps: {saved[-1]} -> {TOTAL_STEPS} (resumed)" in killed.stdout
+    # as if the kill had hit a save: orbax's temporary folder of a later step, half written
+    partial = workdir / "checkpoints" / f"{TOTAL_STEPS - 1}.orbax-checkpoint-tmp-99"
+    (partial / "state").mkdir(parents=True)
+
+    finished = run_train(setup, workdir, *flags)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "(resumed)" in finished.stdout
+    resumed = losses(workdir)
+    assert sorted(resumed) == sorted(reference)
+    for step in reference:
+        for key in LOSS_KEYS:
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-7), \
+                (step, key)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(setup,
+                                                                              reference_run,
+                                                                              tmp_path):
+    reference = losses(reference_run[0])
+    workdir = tmp_path / "run"
+    two_steps = 6
+    results = run_two_processes(setup, workdir, *RUN_FLAGS, f"--config.total_steps={two_steps}",
+                                "--config.pipeline.batch_size=2")
+    for process_id, done in enumerate(results):
+        assert done.returncode == 0, (process_id, done.stderr[-3000:])
+    assert "2 process(es), 2 local" in results[0].stdout and "global batch: 4" in results[0].stdout
+    assert "process 0 of 2" in results[0].stdout
+    # only process 0 logs (gloo itself prints a connection line in each process)
+    assert [line for line in results[1].stdout.splitlines()
+            if line.strip() and "Gloo" not in line and "peer ranks" not in line] == []
+    assert "train:" not in results[1].stderr  # and shows a progress bar
+    assert len(list(workdir.glob("metrics*.jsonl"))) == 1
+    two = losses(workdir)
+    assert sorted(two) == list(range(1, two_steps + 1))
+
+    # The same workdir continues in one process with 4 devices (batch 4 per process).
+    one = run_train(setup, workdir, *RUN_FLAGS, "--config.pipeline.batch_size=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert f"steps: {two_steps} -> {TOTAL_STEPS} (resumed)" in one.stdout
+    continued = losses(workdir)
+    assert sorted(continued) == sorted(reference)
+    for step in reference:
+        for key in LOSS_KEYS:
+            assert continued[step][key] == pytest.approx(reference[step][key], rel=2e-4), \
+                (step, key)
+
+

@@ -1,0 +1,301 @@
+"""Validation of the training config (configs/train.py), the resolved config stored in the workdir,
+and the fingerprint of the frozen base weights. Everything here runs before any compilation and
+raises one-line errors that name the key (or path), the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ml_collections import config_dict
+
+from xpsr_jax.data.pipeline import validate_pipeline_config
+from xpsr_jax.models.attention import ATTENTION_BACKENDS
+
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "cosine")
+LOSS_SCALINGS = ("none", "dynamic")
+REMAT_POLICIES = ("none", "attention", "full")
+# What base_model must hold: subfolder -> a file that proves it is there.
+BASE_MODEL_PARTS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "vocab.json",
+    "scheduler": "scheduler_config.json",
+}
+WORKDIR_CONFIG_FILE = "config.json"
+# Keys that fix the network architecture, the trainable set, the optimizer-state structure or
+# the data stream: a workdir cannot be resumed with other values. The rest (steps, cadence,
+# learning rate, batch size, mesh, remat, precision of compute, validation, threads) may change.
+RESUME_KEYS = (
+    "init_from",
+    "model.down_use_lowlevel_prompt",
+    "model.mid_use_lowlevel_prompt",
+    "model.up_use_lowlevel_prompt",
+    "seed",
+    "pipeline.dataset",
+    "pipeline.split",
+    "pipeline.seed",
+    "pipeline.resolution",
+    "pipeline.scale",
+    "pipeline.random_flip",
+    "pipeline.hr_conditioning_prob",
+    "pipeline.highlevel_prompt_source",
+    "pipeline.max_length",
+    "optimizer.gradient_accumulation_steps",
+    "optimizer.ema_decay",
+    "precision.param_dtype",
+    "precision.loss_scaling",
+    "loss.dfc_weight",
+)
+
+
+class ConfigError(ValueError):
+    """A bad training config value; the message is one line."""
+
+
+def _bad(key: str, value: Any, valid: str) -> ConfigError:
+    return ConfigError(f"train config: {key}={value!r} is invalid; valid: {valid}")
+
+
+def resolve_train_config(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """A copy with the defaults that depend on other keys filled in
+    (pipeline.tokenizer_path "" -> base_model/tokenizer)."""
+    resolved = config_dict.ConfigDict(config.to_dict())
+    if not resolved.pipeline.tokenizer_path and resolved.base_model:
+        resolved.pipeline.tokenizer_path = str(Path(resolved.base_model) / "tokenizer")
+    resolved.lock()
+    return resolved
+
+
+def _check_int(config, key: str, minimum: int, valid: str | None = None) -> None:
+    value = config_value(config, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(key, value, valid or f"an integer >= {minimum}")
+
+
+def _check_choice(config, key: str, choices) -> None:
+    value = config_value(config, key)
+    if value not in choices:
+        raise _bad(key, value, " | ".join(choices))
+
+
+def config_value(config: config_dict.ConfigDict, dotted_key: str) -> Any:
+    value = config
+    for part in dotted_key.split("."):
+        value = value[part]
+    return value
+
+
+def check_base_model(path: str, key: str = "base_model") -> None:
+    folder = Path(path)
+    if not path:
+        raise _bad(key, path, "a diffusers Stable Diffusion 1.5 folder "
+                   f"({', '.join(BASE_MODEL_PARTS)})")
+    if not folder.is_dir():
+        raise ConfigError(f"train config: {key}={path!r}: no such folder")
+    missing = [f"{part}/{name}" for part, name in BASE_MODEL_PARTS.items()
+               if not (folder / part / name).is_file()]
+    if missing:
+        raise ConfigError(f"train config: {key}={path!r} is not a Stable Diffusion 1.5 folder: "
+                          f"missing {', '.join(missing)}")
+
+
+def check_dataset(pipeline: config_dict.ConfigDict) -> None:
+    """The dataset folder exists and holds a built `pipeline.dataset` (TFDS layout)."""
+    data_dir = pipeline.data_dir
+    if not data_dir:
+        raise _bad("pipeline.data_dir", data_dir,
+                   "the TFDS data_dir holding a built xpsr_pairs dataset")
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"train config: pipeline.data_dir={data_dir!r}: no such folder "
+                          "(build the dataset with python -m xpsr_jax.data.prepare)")
+    name = pipeline.dataset.split(":")[0]
+    dataset_folder = Path(data_dir, *name.split("/"))
+    if not any(dataset_folder.glob("**/dataset_info.json")):
+        raise ConfigError(f"train config: pipeline.dataset={pipeline.dataset!r} is not built in "
+                          f"pipeline.data_dir={data_dir!r} (no {dataset_folder}/*/"
+                          "dataset_info.json; build it with python -m xpsr_jax.data.prepare)")
+
+
+def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool = True) -> None:
+    """Raises ConfigError (one line: key, value, what is valid) for the first bad value.
+
+    `config` is the resolved config (resolve_train_config). `check_paths=False` skips the
+    file-system checks (base_model, dataset, init_from, validation.lr_dir)."""
+    if check_paths:
+        check_base_model(config.base_model)
+        if config.init_from and not Path(config.init_from).is_dir():
+            raise ConfigError(f"train config: init_from={config.init_from!r}: no such folder "
+                              "(a release folder with unet/ and controlnet/, or \"\")")
+        check_dataset(config.pipeline)
+    try:
+        validate_pipeline_config(config.pipeline)
+    except ValueError as error:
+        raise ConfigError(f"train config: {error}".replace("pipeline config: ", "pipeline.")
+                          ) from error
+    up = tuple(config.model.up_use_lowlevel_prompt)
+    if len(up) != 4 or not all(isinstance(v, bool) for v in up):
+        raise _bad("model.up_use_lowlevel_prompt", up, "4 booleans, one per up block")
+    for key in ("model.down_use_lowlevel_prompt", "model.mid_use_lowlevel_prompt",
+                "mesh.shard_trainable", "mesh.shard_frozen"):
+        if not isinstance(config_value(config, key), bool):
+            raise _bad(key, config_value(config, key), "True | False")
+
+    _check_int(config, "total_steps", 1)
+    _check_int(config, "log_every", 1)
+    _check_int(config, "checkpoint_every", 1)
+    _check_int(config, "keep_checkpoints", 1)
+    _check_int(config, "seed", 0)
+
+    optimizer = config.optimizer
+    if not optimizer.learning_rate > 0:
+        raise _bad("optimizer.learning_rate", optimizer.learning_rate, "a number > 0")
+    for key in ("b1", "b2"):
+        if not 0 <= optimizer[key] < 1:
+            raise _bad(f"optimizer.{key}", optimizer[key], "a number in [0, 1)")
+    if not optimizer.weight_decay >= 0:
+        raise _bad("optimizer.weight_decay", optimizer.weight_decay, "a number >= 0")
+    if not optimizer.eps > 0:
+        raise _bad("optimizer.eps", optimizer.eps, "a number > 0")
+    _check_choice(config, "optimizer.schedule", SCHEDULES)
+    _check_int(config, "optimizer.warmup_steps", 0)
+    if optimizer.warmup_steps >= config.total_steps:
+        raise _bad("optimizer.warmup_steps", optimizer.warmup_steps,
+                   f"an integer < total_steps={config.total_steps}")
+    if not optimizer.grad_clip_norm >= 0:
+        raise _bad("optimizer.grad_clip_norm", optimizer.grad_clip_norm, "a number >= 0 (0 = off)")
+    _check_int(config, "optimizer.gradient_accumulation_steps", 1)
+    if not 0 <= optimizer.ema_decay < 1:
+        raise _bad("optimizer.ema_decay", optimizer.ema_decay, "a number in [0, 1) (0 = off)")
+    if not config.loss.dfc_weight >= 0:
+        raise _bad("loss.dfc_weight", config.loss.dfc_weight, "a number >= 0")
+
+    for key in ("param_dtype", "compute_dtype", "frozen_dtype"):
+        _check_choice(config, f"precision.{key}", DTYPES)
+    _check_choice(config, "precision.loss_scaling", LOSS_SCALINGS)
+
+    for key in ("data", "fsdp"):
+        value = config.mesh[key]
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+            raise _bad(f"mesh.{key}", value, "an integer >= 1, or -1 for the devices left over")
+    if config.mesh.data == -1 and config.mesh.fsdp == -1:
+        raise _bad("mesh.fsdp", -1, "an integer >= 1 when mesh.data is -1")
+
+    for key in ("unet", "controlnet"):
+        _check_choice(config, f"remat.{key}", REMAT_POLICIES)
+    _check_choice(config, "attention_backend", ATTENTION_BACKENDS)
+
+    _check_int(config, "validation.every", 0)
+    _check_int(config, "validation.num_images", 1)
+    if config.validation.every > 0 and check_paths and not Path(config.validation.lr_dir).is_dir():
+        raise ConfigError(f"train config: validation.lr_dir={config.validation.lr_dir!r}: no such "
+                          "folder (needed with validation.every > 0)")
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def config_to_json(config: config_dict.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round trip: tuples become lists, so a stored config compares with a fresh one."""
+    return json.loads(json.dumps(value, default=list))
+
+
+def check_workdir_config(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Raises ConfigError when `workdir/config.json` was written by a config that differs in a
+    RESUME_KEYS key. A workdir without one is fine (a new run)."""
+    path = Path(workdir) / WORKDIR_CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"workdir {str(workdir)!r}: {path} is not valid JSON ({error}); "
+                          "use a new --workdir") from error
+    for key in RESUME_KEYS:
+        wanted = _normalise(config_value(config, key))
+        have = stored
+        for part in key.split("."):
+            have = have.get(part, "<absent>") if isinstance(have, dict) else "<absent>"
+        if _normalise(have) != wanted:
+            raise ConfigError(
+                f"workdir {str(workdir)!r} was written by an incompatible config: {key}="
+                f"{wanted!r} here but {have!r} in {path}; resume with the same value or use a new "
+                "--workdir")
+
+
+def write_workdir_config(config: config_dict.ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Stores the resolved config as workdir/config.json (atomically)."""
+    path = Path(workdir) / WORKDIR_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(config_to_json(config) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- base weights
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+_SAMPLES = 16  # evenly spaced chunks per weight file
+_CHUNK = 1 << 16
+
+
+def _file_fingerprint(path: Path, digest) -> None:
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}\n".encode())
+    with open(path, "rb") as handle:
+        if size <= (_SAMPLES + 16) * _CHUNK:
+            digest.update(handle.read())
+            return
+        digest.update(handle.read(1 << 20))  # the safetensors header lives at the start
+        for index in range(_SAMPLES):
+            handle.seek((size - _CHUNK) * (index + 1) // _SAMPLES)
+            digest.update(handle.read(_CHUNK))
+
+
+def weights_fingerprint(folder: str | os.PathLike,
+                        subfolders=("unet", "vae", "text_encoder")) -> str:
+    """sha256 over the names, sizes, configs, headers and 16 evenly spaced 64 KiB chunks of the
+    weight files of `subfolders` (whole files when small). Any re-trained or swapped weights
+    change it; it reads a few MiB of a 4 GB SD 1.5 folder."""
+    digest = hashlib.sha256()
+    for sub in subfolders:
+        part = Path(folder) / sub
+        if not part.is_dir():
+            continue
+        for path in sorted(p for p in part.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+            digest.update(f"{sub}/".encode())
+            _file_fingerprint(path, digest)
+    return digest.hexdigest()
+
+
+def frozen_base_reference(config: config_dict.ConfigDict) -> dict[str, str]:
+    """{"base_model", "base_model_sha256", "init_from", "init_from_sha256"}: what the frozen
+    weights were read from, stored in each checkpoint and checked on resume."""
+    reference = {"base_model": str(config.base_model),
+                 "base_model_sha256": weights_fingerprint(config.base_model),
+                 "init_from": str(config.init_from), "init_from_sha256": ""}
+    if config.init_from:
+        reference["init_from_sha256"] = weights_fingerprint(config.init_from,
+                                                            ("unet", "controlnet"))
+    return reference
+
+
+def check_frozen_base(stored: dict[str, str], current: dict[str, str]) -> None:
+    """Raises ConfigError when the frozen weights differ from those a checkpoint was trained on."""
+    for key in ("base_model", "init_from"):
+        if stored.get(f"{key}_sha256", "") != current[f"{key}_sha256"]:
+            raise ConfigError(
+                f"{key} weights do not match the checkpoint: {key}={current[key]!r} has sha256 "
+                f"{current[f'{key}_sha256'][:16]}... but the checkpoint was trained on "
+                f"{stored.get(key)!r} with sha256 {stored.get(f'{key}_sha256', '')[:16]}...")

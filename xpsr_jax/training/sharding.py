@@ -1,0 +1,102 @@
+"""One device mesh (data x fsdp), and the shardings of batches, parameters and optimizer state.
+
+The batch is split over both axes (every device gets different examples). A sharded tensor is
+split on `fsdp` along its largest dimension divisible by the fsdp size; tensors below
+MIN_SHARDED_ELEMENTS (biases, norms) or without a divisible dimension stay replicated. The rule
+depends on the shape only, so a parameter and its Adam moments get the same sharding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+MIN_SHARDED_ELEMENTS = 2 ** 12
+
+
+def _get(config: Any, key: str) -> Any:
+    try:
+        return config[key]
+    except (KeyError, AttributeError) as error:
+        raise KeyError(f"mesh config: missing key {key!r}") from error
+
+
+def mesh_shape(mesh_config: Any, device_count: int) -> tuple[int, int]:
+    """(data, fsdp) sizes; data = -1 takes every device the fsdp axis leaves."""
+    data, fsdp = int(_get(mesh_config, "data")), int(_get(mesh_config, "fsdp"))
+    if fsdp < 1 or device_count % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {device_count}")
+    if data == -1:
+        data = device_count // fsdp
+    if data < 1 or data * fsdp != device_count:
+        raise ValueError(f"mesh.data={_get(mesh_config, 'data')} x mesh.fsdp={fsdp} must equal the device count "
+                         f"{device_count} (mesh.data=-1 uses all devices left over)")
+    return data, fsdp
+
+
+def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
+    """Mesh over all devices (or `devices`) with axes ("data", "fsdp")."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    """P with "fsdp" on the largest dimension divisible by fsdp_size; P() if none or too small."""
+    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_ELEMENTS:
+        return P()
+    candidates = [axis for axis, size in enumerate(shape) if size % fsdp_size == 0]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda a: (shape[a], -a))  # largest; the first among equals
+    spec = [None] * len(shape)
+    spec[axis] = "fsdp"
+    return P(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, *, shard: bool) -> Any:
+    """NamedSharding per array leaf of `tree` (arrays or ShapeDtypeStructs): fsdp rule or replicated."""
+    fsdp_size = mesh.shape["fsdp"]
+
+    def one(leaf):
+        shape = tuple(np.shape(leaf))
+        return NamedSharding(mesh, fsdp_partition_spec(shape, fsdp_size) if shard else P())
+
+    return jax.tree.map(one, tree)
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+    return {key: batch_sharding(mesh) for key in batch}
+
+
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """The global batch from this process's share (each process passes its own rows).
+
+    The global batch size is the local one x the process count; it must divide by the mesh size.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "OUS":  # strings (image ids) stay on the host
+            continue
+        global_rows = value.shape[0] * jax.process_count()
+        if global_rows % mesh.size:
+            raise ValueError(f"batch[{key!r}]: global batch {global_rows} is not divisible by the "
+                             f"{mesh.size} devices of the mesh {dict(mesh.shape)}")
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out

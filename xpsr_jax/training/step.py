@@ -1,0 +1,251 @@
+"""The train state and the jitted, sharded, ahead-of-time compiled train step.
+
+The four networks are split ONCE (`create_train_state`): trainable parameters (the official
+split, `trainable.py`) go into `TrainState.params` with their optimizer state; everything else
+is `frozen` (no optimizer state, no weight gradients, stored in the frozen dtype). The step is a
+plain `jax.jit` of a module-level pure function of (state, frozen, batch); the networks are
+merged inside the loss, so gradients still flow through the frozen UNet into the ControlNet.
+Per-step randomness is `fold_in(state.rng, state.step)`: resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
+from xpsr_jax.training.models import XPSRModels
+from xpsr_jax.training.optimizer import ema_update, learning_rate_at, make_optimizer
+from xpsr_jax.training.sharding import batch_sharding, replicated, tree_shardings
+from xpsr_jax.training.trainable import MODEL_NAMES, split_trainable
+
+TRAINABLE_MODELS = ("unet", "controlnet")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LOSS_SCALING = ("none",)
+
+
+@struct.dataclass
+class TrainState:
+    """step: int32 scalar (micro-steps done); params: {"unet", "controlnet"} -> nnx.State of the
+    trainable parameters; opt_state: optax state of params; rng: uint32[2] key of the per-step
+    draws; ema_params: like params, or None when ema_decay is 0."""
+
+    step: jax.Array
+    params: dict
+    opt_state: Any
+    rng: jax.Array
+    ema_params: Any = None
+
+
+class CompiledTrainStep(NamedTuple):
+    """`compiled(state, frozen, batch) -> (state, metrics)`; the state argument is donated.
+
+    flops: XLA's cost-analysis FLOP count of one step (of the partitioned per-device program),
+    None where the backend gives none.
+    """
+
+    compiled: Any
+    compile_seconds: float
+    flops: float | None
+
+    def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
+        return self.compiled(state, frozen, batch)
+
+
+def dtype_from_config(name: str, key: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r} is not a supported dtype; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def split_models(models: XPSRModels) -> tuple[dict, dict, dict]:
+    """(graphdefs, trainable, frozen), dicts by model name; trainable has unet and controlnet."""
+    graphdefs, trainable, frozen = {}, {}, {}
+    for name in MODEL_NAMES:
+        graphdefs[name], params, frozen[name] = split_trainable(getattr(models, name), name)
+        if name in TRAINABLE_MODELS:
+            trainable[name] = params
+    return graphdefs, trainable, frozen
+
+
+def merge_models(graphdefs: Mapping[str, Any], params: Mapping[str, Any], frozen: Mapping[str, Any]) -> XPSRModels:
+    """The four networks from the split state (for the loss, validation and export)."""
+    return XPSRModels(**{name: nnx.merge(graphdefs[name], params[name], frozen[name]) if name in params
+                         else nnx.merge(graphdefs[name], frozen[name]) for name in MODEL_NAMES})
+
+
+def state_shardings(state: TrainState, mesh: Mesh, config: Any) -> TrainState:
+    """Shardings of a TrainState: params / opt state / EMA by the fsdp rule when
+    mesh.shard_trainable, else replicated; step and rng replicated."""
+    shard = bool(config.mesh.shard_trainable)
+    return TrainState(step=replicated(mesh), params=tree_shardings(state.params, mesh, shard=shard),
+                      opt_state=tree_shardings(state.opt_state, mesh, shard=shard), rng=replicated(mesh),
+                      ema_params=None if state.ema_params is None
+                      else tree_shardings(state.ema_params, mesh, shard=shard))
+
+
+def frozen_shardings(frozen: Any, mesh: Mesh, config: Any) -> Any:
+    return tree_shardings(frozen, mesh, shard=bool(config.mesh.shard_frozen))
+
+
+def _check_precision(config: Any) -> None:
+    if config.precision.loss_scaling not in LOSS_SCALING:
+        raise ValueError(f"precision.loss_scaling={config.precision.loss_scaling!r} is not supported; valid: "
+                         f"{LOSS_SCALING} (bf16 compute needs no loss scaling)")
+
+
+def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[TrainState, dict, dict]:
+    """(state, frozen, graphdefs), placed on `mesh` by the config's sharding rules.
+
+    Trainable params are cast to precision.param_dtype, frozen ones to precision.frozen_dtype.
+    The optimizer state is initialised under jit straight into its sharding.
+    """
+    _check_precision(config)
+    param_dtype = dtype_from_config(config.precision.param_dtype, "precision.param_dtype")
+    frozen_dtype = dtype_from_config(config.precision.frozen_dtype, "precision.frozen_dtype")
+    graphdefs, params, frozen = split_models(models)
+    params = _cast_floats(params, param_dtype)
+    frozen = _cast_floats(frozen, frozen_dtype)
+    shard = bool(config.mesh.shard_trainable)
+    params = jax.device_put(params, tree_shardings(params, mesh, shard=shard))
+    frozen = jax.device_put(frozen, frozen_shardings(frozen, mesh, config))
+    tx = make_optimizer(config.optimizer, int(config.total_steps))
+    opt_shape = jax.eval_shape(tx.init, params)
+    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(opt_shape, mesh, shard=shard))(params)
+    ema = None
+    if float(config.optimizer.ema_decay) > 0:
+        ema = jax.tree.map(jnp.copy, params)
+    rng = jax.device_put(jax.random.PRNGKey(int(config.seed)), replicated(mesh))
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, ema_params=ema), frozen, graphdefs
+
+
+def _where_tree(condition: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
+def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *, graphdefs: Mapping[str, Any],
+               tx: optax.GradientTransformation, noise_schedule: Any, dfc_weight: float, optimizer_config: Any,
+               total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One micro-step: loss and gradients of the trainable params, then the optimizer update.
+
+    A non-finite loss or gradient leaves params / optimizer state unchanged (is_finite = False in
+    the metrics; the loop stops on it).
+    """
+    key = jax.random.fold_in(state.rng, state.step)
+    vae = nnx.merge(graphdefs["vae"], frozen["vae"])
+    pixel_values = batch["pixel_values"]
+    draws = sample_loss_draws(key, pixel_values.shape[0], latent_shape_for(vae, pixel_values.shape),
+                              noise_schedule.num_train_timesteps)
+
+    def loss_fn(params):
+        models = merge_models(graphdefs, params, frozen)
+        return xpsr_loss(models, batch, draws, noise_schedule=noise_schedule, dfc_weight=dfc_weight)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = _where_tree(is_finite, params, state.params)
+    opt_state = _where_tree(is_finite, opt_state, state.opt_state)
+    ema = state.ema_params
+    if ema is not None:
+        accumulation = int(optimizer_config.gradient_accumulation_steps)
+        updated = is_finite & ((state.step + 1) % accumulation == 0)  # only when the weights moved
+        ema = _where_tree(updated, ema_update(ema, params, float(optimizer_config.ema_decay)), ema)
+    metrics = {**terms, "grad_norm": grad_norm,
+               "learning_rate": learning_rate_at(optimizer_config, total_steps, state.step),
+               "is_finite": is_finite}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, metrics
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _flops(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def make_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
+                    state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> CompiledTrainStep:
+    """jax.jit of `train_step` with explicit in/out shardings and the state donated, lowered and
+    compiled now for the shapes of (state, frozen, batch) (arrays or ShapeDtypeStructs)."""
+    _check_precision(config)
+    tx = make_optimizer(config.optimizer, int(config.total_steps))
+    step_fn = functools.partial(train_step, graphdefs=graphdefs, tx=tx, noise_schedule=noise_schedule,
+                                dfc_weight=float(config.loss.dfc_weight), optimizer_config=config.optimizer,
+                                total_steps=int(config.total_steps))
+    state_sh = state_shardings(state, mesh, config)
+    batch_sh = {key: batch_sharding(mesh) for key in batch}
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_shardings(frozen, mesh, config), batch_sh),
+                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch)).compile()
+    return CompiledTrainStep(compiled=compiled, compile_seconds=time.perf_counter() - start, flops=_flops(compiled))
+
+
+def _per_device_bytes(tree: Any) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else np.shape(leaf)
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def count_parameters(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
+
+
+def memory_estimate(state: TrainState, frozen: Any, batch_per_device: int | None = None,
+                    resolution: int | None = None) -> dict[str, Any]:
+    """Bytes per device of the trainable params, optimizer state, EMA and frozen params, the
+    parameter counts, and a rough note on activations (which XLA's memory stats measure)."""
+    estimate = {
+        "trainable_parameters": count_parameters(state.params),
+        "frozen_parameters": count_parameters(frozen),
+        "params_bytes": _per_device_bytes(state.params),
+        "opt_state_bytes": _per_device_bytes(state.opt_state),
+        "ema_bytes": _per_device_bytes(state.ema_params) if state.ema_params is not None else 0,
+        "frozen_bytes": _per_device_bytes(frozen),
+    }
+    estimate["gradients_bytes"] = estimate["params_bytes"]  # one gradient per trainable tensor, transient
+    estimate["total_state_bytes"] = sum(estimate[k] for k in ("params_bytes", "opt_state_bytes", "ema_bytes",
+                                                              "frozen_bytes", "gradients_bytes"))
+    note = "activations not included: they scale with per-device batch x resolution^2 and the remat policy"
+    if batch_per_device and resolution:
+        note += f" (per-device batch {batch_per_device} at {resolution} px)"
+    estimate["activation_note"] = note
+    return estimate
+
+
+def format_memory_estimate(estimate: Mapping[str, Any]) -> str:
+    gib = 1024 ** 3
+    return (f"trainable {estimate['trainable_parameters']:,} params, frozen {estimate['frozen_parameters']:,}; "
+            f"per device: params {estimate['params_bytes'] / gib:.2f} GiB, optimizer "
+            f"{estimate['opt_state_bytes'] / gib:.2f} GiB, EMA {estimate['ema_bytes'] / gib:.2f} GiB, gradients "
+            f"{estimate['gradients_bytes'] / gib:.2f} GiB, frozen {estimate['frozen_bytes'] / gib:.2f} GiB, "
+            f"total {estimate['total_state_bytes'] / gib:.2f} GiB + activations ({estimate['activation_note']})")
