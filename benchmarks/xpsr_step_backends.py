@@ -17,34 +17,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from attention import round_robin_ms
-from xpsr_step_speed import TINY, _constant_model
-from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
+from xpsr_step_speed import TINY, build_step
+from xpsr_jax.models import XPSRUNetConfig
 
 
 def jax_step(config, *, backend, batch, latent):
     """A no-argument callable running one compiled step with `backend` attention."""
-    dtype = jnp.float32
-    kwargs = dict(dtype=dtype, param_dtype=dtype, attention_backend=backend)
-    unet_def, unet_state = _constant_model(lambda: XPSRUNet(config, rngs=nnx.Rngs(0), **kwargs), dtype)
-    unet = nnx.merge(unet_def, unet_state)
-    cn_def, cn_state = _constant_model(
-        lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0), load_weights_from_unet=False, **kwargs)[0], dtype)
-
-    @jax.jit
-    def step(unet_state, cn_state, sample, timesteps, high, low, cond):
-        control = nnx.merge(cn_def, cn_state)(sample, timesteps, high, low, cond)
-        return nnx.merge(unet_def, unet_state)(sample, timesteps, high, low, control.down_block_res_samples,
-                                              control.mid_block_res_sample)
-
-    args = (unet_state, cn_state, jnp.ones((batch, latent, latent, 4), dtype), jnp.full((batch,), 500),
-            jnp.ones((batch, 77, config.cross_attention_dim), dtype),
-            jnp.ones((batch, 77, config.cross_attention_dim), dtype),
-            jnp.full((batch, 8 * latent, 8 * latent, 3), 0.5, dtype))
-    compiled = step.lower(*args).compile()
-    return lambda: compiled(*args).block_until_ready()
+    return build_step(config, dtype=jnp.float32, backend=backend, batch=batch, latent=latent)[1]
 
 
 def torch_step(config, *, batch, latent):

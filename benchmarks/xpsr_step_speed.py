@@ -36,7 +36,8 @@ def constant_model(build, dtype):
     return graphdef, state
 
 
-def bench_jax(config, *, dtype, backend, batch, latent, repeats):
+def build_step(config, *, dtype, backend, batch, latent):
+    """(compile seconds, a no-argument callable running one compiled step)."""
     kwargs = dict(dtype=dtype, param_dtype=dtype, attention_backend=backend)
     unet_def, unet_state = constant_model(lambda: XPSRUNet(config, rngs=nnx.Rngs(0), **kwargs), dtype)
     unet = nnx.merge(unet_def, unet_state)
@@ -57,7 +58,12 @@ def bench_jax(config, *, dtype, backend, batch, latent, repeats):
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
     compiled(*args).block_until_ready()
-    return compile_s, median_ms(lambda: compiled(*args).block_until_ready(), repeats)
+    return compile_s, lambda: compiled(*args).block_until_ready()
+
+
+def bench_jax(config, *, dtype, backend, batch, latent, repeats):
+    compile_s, run = build_step(config, dtype=dtype, backend=backend, batch=batch, latent=latent)
+    return compile_s, median_ms(run, repeats)
 
 
 def bench_torch(config, *, dtype_name, batch, latent, repeats):
