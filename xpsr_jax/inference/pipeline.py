@@ -169,12 +169,11 @@ class XPSRPipeline:
 
     def _padded(self, array, count: int, axis: int = 0):
         """Pad the batch axis to `count` by repeating the last entry (dropped afterwards)."""
-        array = jnp.asarray(array) if not isinstance(array, np.ndarray) else array
-        missing = count - array.shape[axis]
+        missing = count - np.shape(array)[axis]
         if missing == 0:
             return array
-        last = np.take(np.asarray(array), [-1], axis=axis)
-        return np.concatenate([np.asarray(array), np.repeat(last, missing, axis=axis)], axis=axis)
+        array = np.asarray(array)
+        return np.concatenate([array, np.repeat(np.take(array, [-1], axis=axis), missing, axis=axis)], axis=axis)
 
     def sample_on_devices(self, conditioning_uint8, prompt_embeds: PromptEmbeds, *,
                           seeds: Sequence[int] | None = None, noise: SamplingNoise | None = None):
