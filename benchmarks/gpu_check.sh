@@ -1,27 +1,156 @@
 #!/usr/bin/env bash
-# The project's GPU check, one call on a CUDA machine with JAX + PyTorch preinstalled, from the repo root.
-# Wheels the machine lacks (diffusers for the PyTorch reference) travel in .whl/ (see README, "GPU check").
-# Prints: devices, XPSR step speed and the 20-step sampling loop vs the PyTorch reference, attention
-# backends, XPSR parity on GPU.
+# The project's GPU check: ONE call on one CUDA GPU (H100/H200) with JAX + PyTorch preinstalled and
+# no network, from anywhere; it finishes within 10 minutes (every row has a timeout inside one
+# 570 s budget). SD 1.5 size XPSR with constant / random weights, 512 px, bf16, xpsr-jax vs the
+# PyTorch reference (tests/torch_reference: diffusers layers, SDPA; eager, and torch.compile if it
+# compiles in the time left):
+#   - the training step at per-device batch 1, 2, 4, with and without remat: images/s, peak memory, MFU
+#   - the 20-step sampling loop at batch 1 and 8: seconds per image
+#   - XPSR parity with the PyTorch reference on this GPU (fp32, highest matmul precision)
+# Writes OUTDIR/gpu_check.md (the table), OUTDIR/results.jsonl (its records) and OUTDIR/gpu_check.log,
+# and prints the table. OUTDIR: the argument, else $OUT, else /tmp/gpu_check.
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]              # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run [OUTDIR]    # every row on CPU at tiny size (minutes: see below)
+#
+# The dry run (JAX_PLATFORMS=cpu, no nvidia-smi) passes the same scripts tiny / CPU flags, so every
+# code path of the GPU run executes; its cost is ~7 JAX/PyTorch compiles + 7 process start-ups (about
+# 4 CPU minutes measured; row timeouts x4 inside a 1500 s budget).
+# Wheels the machine lacks (diffusers and ml-collections) travel in .whl/ and are installed into
+# /tmp/site without network or dependencies; the preflight line lists any module still missing.
 set -u
+usage() { sed -n 2,20p "$0" | sed 's/^# \{0,1\}//'; }
+DRY=0
+OUTDIR=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg (valid: --dry-run, -h)" >&2; exit 2 ;;
+    *) [ -z "$OUTDIR" ] || { echo "gpu_check.sh: one OUTDIR only (got $OUTDIR and $arg)" >&2; exit 2; }
+       OUTDIR=$arg ;;
+  esac
+done
+OUTDIR=${OUTDIR:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$OUTDIR" || exit 2
+OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
+RESULTS=$OUTDIR/results.jsonl
+TABLE=$OUTDIR/gpu_check.md
+LOG=$OUTDIR/gpu_check.log
+: > "$RESULTS"
+: > "$LOG"
+START=$(date +%s)
+BUDGET=570   # seconds for everything; the 10-minute limit minus a margin for the start-up
+SCALE=1      # row timeouts x SCALE (the dry run: CPU compiles on a possibly shared machine)
+
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
+    || { echo "gpu_check.sh: installing .whl/*.whl failed (see $LOG)" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks
 else
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD:$PWD/benchmarks
 fi
-log=${OUT:-/tmp}/gpu_check.log
+
+if [ "$DRY" = 1 ]; then
+  # The same scripts and code paths at tiny size on the CPU; compile with few optimizations.
+  export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES="" JAX_DISABLE_MOST_OPTIMIZATIONS=true
+  # One batch size each (the matrix still has two remat entries): every compile costs ~1 CPU minute.
+  SIZE=(--size tiny); TRAIN_PX=64; SAMPLE_PX=64; STEPS=2; TRAIN_BATCHES=(1); SAMPLE_BATCHES=(1)
+  TIMING=(--steps 2 --warmup 1); REPEATS=1; THREADS=2; COMPILE_BACKEND=aot_eager; DTYPE=bfloat16
+  DEVICE="CPU (dry run: tiny model, $(nproc) cores)"; PARITY_K="sfa_everywhere and not non"
+  BUDGET=1500; SCALE=4
+  export OMP_NUM_THREADS=1  # PyTorch's CPU threads collapse on a loaded machine; speed is not the point here
+else
+  SIZE=(--size sd15); TRAIN_PX=512; SAMPLE_PX=512; STEPS=20; TRAIN_BATCHES=(1 2 4); SAMPLE_BATCHES=(1 8)
+  TIMING=(--steps 5 --warmup 2); REPEATS=2; THREADS=6; COMPILE_BACKEND=inductor; DTYPE=bfloat16
+  DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)
+  PARITY_K="sfa_everywhere"
+fi
+TORCH_ONLY=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)  # PyTorch rows: JAX must not reserve the GPU
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# row NAME CAP CMD...: runs CMD under `timeout min(CAP, time left)`, output to the log; a crash or
+# timeout adds an error record naming the row (the table shows it as `error: ...`).
+row() {
+  local name=$1 cap=$(($2 * SCALE)) limit rc began
+  shift 2
+  limit=$(left); [ "$limit" -gt "$cap" ] && limit=$cap
+  if [ "$limit" -lt 5 ]; then
+    printf '{"row": "%s", "error": "not run: the %s s budget is spent"}\n' "$name" "$BUDGET" >>"$RESULTS"
+    return
+  fi
+  began=$(date +%s)
+  echo "== $name (timeout ${limit} s)" | tee -a "$LOG"
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  echo "   rc $rc after $(($(date +%s) - began)) s" | tee -a "$LOG"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    printf '{"row": "%s", "error": "timed out after %s s"}\n' "$name" "$limit" >>"$RESULTS"
+  elif [ "$rc" != 0 ]; then
+    printf '{"row": "%s", "error": "exit status %s (see gpu_check.log)"}\n' "$name" "$rc" >>"$RESULTS"
+  fi
+}
+
+VERSIONS=$(python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)" 2>&1 | tail -1)
+MISSING=$(python3 - <<'EOF' 2>&1
+import importlib
+# What the rows import at module level (the benchmark scripts, xpsr_jax.{models,training,inference},
+# tests/torch_reference): report what is absent before anything runs.
+names = ["jax", "flax", "optax", "orbax.checkpoint", "numpy", "scipy", "safetensors", "torch", "transformers",
+         "diffusers", "ml_collections", "PIL", "pytest"]
+missing = []
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception as error:
+        missing.append(f"{name} ({type(error).__name__})")
+print("missing: " + (", ".join(missing) if missing else "none"))
+EOF
+)
+echo "device: $DEVICE; $VERSIONS; $MISSING" | tee -a "$LOG"
+
+PARITY="parity with the PyTorch reference (fp32, XPSR SFA ControlNet + UNet)"
+row "$PARITY" 60 bash -c "set -o pipefail; python3 -m pytest -q -p no:cacheprovider -s tests/test_xpsr_models.py \
+  -k '$PARITY_K' > '$OUTDIR/parity.log' 2>&1; status=\$?; cat '$OUTDIR/parity.log'; [ \$status = 0 ] && \
+  python3 benchmarks/records.py parity '$OUTDIR/parity.log' '$RESULTS' '$PARITY'"
+row "train, xpsr-jax, batch ${TRAIN_BATCHES[*]} x remat none / attention" 240 \
+  python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
+  --batch "${TRAIN_BATCHES[@]}" --remat none attention "${TIMING[@]}" --compile-threads "$THREADS" \
+  --skip-torch --json "$RESULTS"
+row "train, PyTorch eager, batch ${TRAIN_BATCHES[*]}" 75 "${TORCH_ONLY[@]}" \
+  python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
+  --batch "${TRAIN_BATCHES[@]}" "${TIMING[@]}" --skip-jax --json "$RESULTS"
+row "sampling, xpsr-jax, batch ${SAMPLE_BATCHES[*]}" 120 \
+  python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
+  --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --compile-threads 2 --skip-torch --json "$RESULTS"
+row "sampling, PyTorch eager, batch ${SAMPLE_BATCHES[*]}" 60 "${TORCH_ONLY[@]}" \
+  python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
+  --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --skip-jax --json "$RESULTS"
+# torch.compile last, in what is left: a compile that does not finish is reported in its cell.
+half=$(( ($(left) - 10) / 2 )); [ "$half" -gt $((150 * SCALE)) ] && half=$((150 * SCALE))
+row "train, PyTorch torch.compile, batch 1" $(((half + 5) / SCALE + 1)) "${TORCH_ONLY[@]}" \
+  python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" --batch 1 \
+  "${TIMING[@]}" --skip-jax --skip-torch --torch-compile "$COMPILE_BACKEND" --compile-timeout "$half" \
+  --json "$RESULTS"
+half=$(( $(left) - 10 )); [ "$half" -gt $((150 * SCALE)) ] && half=$((150 * SCALE))
+row "sampling, PyTorch torch.compile, batch 1" $(((half + 5) / SCALE + 1)) "${TORCH_ONLY[@]}" \
+  python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
+  --batch 1 --repeats "$REPEATS" --skip-jax --skip-torch --torch-compile "$COMPILE_BACKEND" \
+  --compile-timeout "$half" --json "$RESULTS"
+
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
-  echo "== XPSR denoising step (ControlNet + UNet), SD 1.5 size, 512 px, CFG batch 2, bf16"
-  timeout 170 python3 benchmarks/xpsr_step_speed.py --dtype bfloat16 --repeats 10
-  echo "== 20-step XPSR sampling loop (DDPM, CFG, VAE + colour fix), SD 1.5 size, 512 px, bf16, batch 1 and 8"
-  timeout 240 python3 benchmarks/sampling_speed.py --size sd15 --batch 1 8 --dtype bfloat16 --repeats 3
-  echo "== attention backends, 4096 tokens (top-level pixel attention at 512 px), bf16"
-  timeout 40 python3 benchmarks/attention.py --tokens 4096 --heads 8 --head-dim 40 --dtype bfloat16 --repeats 10
-  echo "== XPSR parity with the PyTorch reference on this GPU (fp32, highest matmul precision)"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -s tests/test_xpsr_models.py -k "sfa_everywhere" 2>&1 \
-    | grep -E "UNet with residuals|mid residual|passed|failed|Error"
-} 2>&1 | tee "$log"
+  echo "# gpu_check.sh$( [ "$DRY" = 1 ] && echo ' --dry-run')"
+  echo
+  echo "device: $DEVICE; $VERSIONS; $MISSING; total $(($(date +%s) - START)) s"
+  echo
+  python3 benchmarks/records.py table "$RESULTS" 2>&1
+  echo
+  echo "ratios: our time / PyTorch time per image (< 1: xpsr-jax is faster); the PyTorch training"
+  echo "step runs without gradient checkpointing, so remat rows compare against the same PyTorch step."
+} > "$TABLE"
+cat "$TABLE"
+grep -q '| error: ' "$TABLE" && exit 1
+exit 0

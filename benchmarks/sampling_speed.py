@@ -6,7 +6,9 @@ colour fix) per image: xpsr-jax (one jitted call) vs the same loop in PyTorch, s
 
 Weights are constants (speed does not depend on them). The PyTorch side is tests/torch_reference
 (official names, diffusers layers, SDPA) + diffusers' AutoencoderKL and DDPMScheduler, run
-eagerly, the release's loop order. Prints compile time, seconds per image and the ratio.
+eagerly (or, with --torch-compile BACKEND, its UNet and ControlNet under torch.compile), the
+release's loop order. Prints compile time, seconds per image and the ratio; --json FILE appends
+the results as records for benchmarks/records.py (the table of benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from timing import median_ms
+from records import append_record
+from timing import median_ms, time_limit, torch_compiled, torch_median_ms
 from xpsr_step_speed import constant_model
 from xpsr_jax.inference.sampling import PromptEmbeds, SamplingPlan, sample, split_networks
 from xpsr_jax.models import AutoencoderKL, AutoencoderKLConfig, XPSRControlNet, XPSRUNet, XPSRUNetConfig
@@ -33,10 +37,18 @@ TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_p
 CONTEXT_SD15 = 768
 
 
-def build_jax(size: str, dtype, backend: str):
+def model_keys(size: str, unet: dict | None = None, vae: dict | None = None) -> tuple[dict, dict]:
+    """(UNet, VAE) config overrides: `unet` / `vae` when given, else the tiny ones or SD 1.5 ({})."""
+    tiny = size == "tiny"
+    return (dict(TINY_UNET if tiny else {}) if unet is None else dict(unet),
+            dict(TINY_VAE if tiny else {}) if vae is None else dict(vae))
+
+
+def build_jax(size: str, dtype, backend: str, unet: dict | None = None, vae: dict | None = None):
     kwargs = dict(dtype=dtype, param_dtype=dtype, attention_backend=backend)
-    unet_config = XPSRUNetConfig(**(TINY_UNET if size == "tiny" else {}))
-    vae_config = AutoencoderKLConfig(**(TINY_VAE if size == "tiny" else {}))
+    unet_keys, vae_keys = model_keys(size, unet, vae)
+    unet_config = XPSRUNetConfig(**unet_keys)
+    vae_config = AutoencoderKLConfig(**vae_keys)
     unet = nnx.merge(*constant_model(lambda: XPSRUNet(unet_config, rngs=nnx.Rngs(0), **kwargs), dtype))
     controlnet = nnx.merge(*constant_model(
         lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0), load_weights_from_unet=False, **kwargs)[0], dtype))
@@ -44,8 +56,9 @@ def build_jax(size: str, dtype, backend: str):
     return unet_config, unet, controlnet, vae
 
 
-def bench_jax(size, *, batch, pixels, steps, dtype, backend, repeats):
-    unet_config, unet, controlnet, vae = build_jax(size, dtype, backend)
+def build_jax_sampler(size, *, batch, pixels, steps, dtype, backend, unet=None, vae=None):
+    """(compile seconds, a no-argument callable running the compiled loop once for `batch` images)."""
+    unet_config, unet, controlnet, vae = build_jax(size, dtype, backend, unet, vae)
     networks, states = split_networks(unet, controlnet, vae)
     sampler = make_sampler("ddpm", SD15_SCHEDULER, steps)
     plan = SamplingPlan(sampler=sampler, noise_schedule=noise_schedule_from_config(SD15_SCHEDULER),
@@ -62,30 +75,24 @@ def bench_jax(size, *, batch, pixels, steps, dtype, backend, repeats):
     compiled = fn.lower(states, conditioning, embeds, keys).compile()
     compile_s = time.perf_counter() - start
     compiled(states, conditioning, embeds, keys).block_until_ready()
-    ms = median_ms(lambda: compiled(states, conditioning, embeds, keys).block_until_ready(), repeats)
-    return compile_s, ms / 1000 / batch
+    return compile_s, lambda: compiled(states, conditioning, embeds, keys).block_until_ready()
 
 
-def bench_torch(size, *, batch, pixels, steps, dtype_name, repeats):
-    try:
-        import torch
-        from diffusers import AutoencoderKL as TorchVAE
-        from diffusers import DDPMScheduler
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
-    except ImportError as error:
-        print(f"  torch reference unavailable: {error}")
-        return None
-    from timing import torch_median_ms
+def build_torch_sampler(size, *, batch, pixels, steps, dtype_name, unet=None, vae=None, compile_backend=None):
+    """A no-argument callable running the reference loop once for `batch` images (no autograd);
+    `compile_backend` wraps the UNet and ControlNet in torch.compile (compiled on the first call)."""
+    import torch
+    from diffusers import AutoencoderKL as TorchVAE
+    from diffusers import DDPMScheduler
+    from xpsr_step_speed import torch_reference, torch_unet_keys
 
+    _, XPSRControlNetTorch, XPSRUNetTorch = torch_reference()
+    unet_keys, vae_keys = model_keys(size, unet, vae)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-    config = XPSRUNetConfig(**(TINY_UNET if size == "tiny" else {}))
-    keys = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()
-            if not k.startswith("_") and k != "sample_size"}
-    unet = XPSRUNetTorch(keys).to(device, dtype).eval()
+    config = XPSRUNetConfig(**unet_keys)
+    unet = XPSRUNetTorch(torch_unet_keys(config)).to(device, dtype).eval()
     controlnet = XPSRControlNetTorch.from_unet(unet, load_weights_from_unet=False).to(device, dtype).eval()
-    vae_keys = dict(TINY_VAE if size == "tiny" else {})
     if "block_out_channels" in vae_keys:
         vae_keys["block_out_channels"] = list(vae_keys["block_out_channels"])
         vae_keys["down_block_types"] = ["DownEncoderBlock2D"] * 4
@@ -102,19 +109,35 @@ def bench_torch(size, *, batch, pixels, steps, dtype_name, repeats):
     embeds = torch.full((2 * batch, 77, context), 0.1, device=device, dtype=dtype)
     image = torch.full((2 * batch, 3, pixels, pixels), 0.5, device=device, dtype=dtype)
 
+    unet_call, controlnet_call = torch_compiled(unet, compile_backend), torch_compiled(controlnet, compile_backend)
+
+    @torch.no_grad()
     def run():
         scheduler.set_timesteps(steps)
         latents = vae.encode(image[:batch] * 2 - 1).latent_dist.sample() * 0.18215
         latents = scheduler.add_noise(latents, torch.randn_like(latents), scheduler.timesteps[:1])
         for t in scheduler.timesteps:
             latent_in = torch.cat([latents] * 2)
-            control = controlnet(latent_in, t, embeds, embeds, image)
-            eps = unet(latent_in, t, embeds, embeds, list(control.down_block_res_samples),
-                       control.mid_block_res_sample)
+            control = controlnet_call(latent_in, t, embeds, embeds, image)
+            eps = unet_call(latent_in, t, embeds, embeds, list(control.down_block_res_samples),
+                            control.mid_block_res_sample)
             uncond, text = eps.chunk(2)
             latents = scheduler.step(uncond + 4.5 * (text - uncond), t, latents).prev_sample
-        return vae.decode(latents / 0.18215).sample
+        images = vae.decode(latents / 0.18215).sample
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return images
 
+    return run
+
+
+def bench_torch(size, *, batch, pixels, steps, dtype_name, repeats, compile_backend=None):
+    try:
+        run = build_torch_sampler(size, batch=batch, pixels=pixels, steps=steps, dtype_name=dtype_name,
+                                  compile_backend=compile_backend)
+    except ImportError as error:
+        print(f"  torch reference unavailable: {error}")
+        return None
     return torch_median_ms(run, repeats) / 1000 / batch
 
 
@@ -127,21 +150,66 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-torch", action="store_true", help="no eager PyTorch timing")
+    parser.add_argument("--skip-jax", action="store_true", help="no xpsr-jax timing (PyTorch rows only)")
+    parser.add_argument("--torch-compile", default=None, metavar="BACKEND",
+                        help="also time the PyTorch loop with torch.compile(backend=BACKEND), e.g. inductor")
+    parser.add_argument("--compile-timeout", type=float, default=None,
+                        help="seconds the torch.compile build + first call may take before it is reported as failed")
+    parser.add_argument("--compile-threads", type=int, default=1, help="compile the batch sizes in parallel")
+    parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/records.py)")
     args = parser.parse_args(argv)
     pixels = args.pixels or (64 if args.size == "tiny" else 512)
-    print(f"device: {jax.devices()[0].device_kind}; XPSR {args.size}, {pixels} px, {args.steps} DDPM steps, "
-          f"CFG, {args.dtype}", flush=True)
+    # A PyTorch-only run leaves JAX unstarted: on a GPU it would reserve most of the memory.
+    where = "PyTorch only" if args.skip_jax else jax.devices()[0].device_kind
+    print(f"device: {where}; XPSR {args.size}, {pixels} px, {args.steps} DDPM steps, CFG, {args.dtype}", flush=True)
+    samplers = {}
+    if not args.skip_jax:  # compiled up front, in threads (XLA compiles outside the GIL)
+        with ThreadPoolExecutor(max(1, args.compile_threads)) as pool:
+            samplers = dict(zip(args.batch, pool.map(lambda batch: build_jax_sampler(
+                args.size, batch=batch, pixels=pixels, steps=args.steps, dtype=jnp.dtype(args.dtype),
+                backend=args.attention_backend), args.batch)))
     for batch in args.batch:
-        compile_s, ours = bench_jax(args.size, batch=batch, pixels=pixels, steps=args.steps,
-                                    dtype=jnp.dtype(args.dtype), backend=args.attention_backend, repeats=args.repeats)
-        line = f"  batch {batch}: xpsr-jax compile {compile_s:6.1f} s, {ours:8.3f} s/image"
+        ours = theirs = compiled = None
+        line = f"  batch {batch}:"
+        if not args.skip_jax:
+            compile_s, run = samplers[batch]
+            ours = median_ms(run, args.repeats) / 1000 / batch
+            line += f" xpsr-jax compile {compile_s:6.1f} s, {ours:8.3f} s/image"
         if not args.skip_torch:
             theirs = bench_torch(args.size, batch=batch, pixels=pixels, steps=args.steps, dtype_name=args.dtype,
                                  repeats=args.repeats)
             if theirs is not None:
-                line += f" | PyTorch {theirs:8.3f} s/image | ours/PyTorch {ours / theirs:5.2f}"
+                line += f" | PyTorch {theirs:8.3f} s/image"
+                if ours is not None:
+                    line += f" | ours/PyTorch {ours / theirs:5.2f}"
+        if args.torch_compile:
+            compiled = torch_compile_seconds(args, batch, pixels)
+            line += f" | PyTorch torch.compile({args.torch_compile}) " + (
+                f"{compiled:8.3f} s/image" if isinstance(compiled, float) else compiled)
         print(line, flush=True)
+        row = f"sampling {pixels} px, {args.steps} steps, {args.dtype}, batch {batch}"
+        if ours is not None:
+            append_record(args.json, row=row, impl="xpsr-jax", value=ours, unit="s/image",
+                          details=f"compile {compile_s:.0f} s")
+        if theirs is not None:
+            append_record(args.json, row=row, impl="pytorch", value=theirs, unit="s/image")
+        if compiled is not None:
+            append_record(args.json, row=row, impl="pytorch-compile", unit="s/image",
+                          **(dict(value=compiled) if isinstance(compiled, float) else dict(value=None, details=compiled)))
+
+
+def torch_compile_seconds(args, batch, pixels):
+    """Seconds per image of the torch.compile'd loop, or a short 'failed: ...' text."""
+    start = time.perf_counter()
+    try:
+        with time_limit(args.compile_timeout):
+            run = build_torch_sampler(args.size, batch=batch, pixels=pixels, steps=args.steps, dtype_name=args.dtype,
+                                      compile_backend=args.torch_compile)
+            run()  # the first call compiles
+        return median_ms(run, args.repeats) / 1000 / batch
+    except Exception as error:  # report, don't crash: torch.compile is optional
+        return f"failed after {time.perf_counter() - start:.0f} s: {type(error).__name__}: {str(error)[:80]}"
 
 
 if __name__ == "__main__":

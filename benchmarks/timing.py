@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 
 import numpy as np
@@ -29,3 +31,36 @@ def torch_median_ms(fn, repeats: int) -> float:
 
     run()
     return median_ms(run, repeats)
+
+
+class RowTimeout(Exception):
+    """Raised inside `time_limit` when its seconds run out."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise RowTimeout in the main thread after `seconds` (None: no limit), so one slow row
+    (a torch.compile that does not finish) is reported instead of stalling the whole table."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RowTimeout(f"did not finish in {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def torch_compiled(module, backend: str | None):
+    """`torch.compile(module, backend=backend)`, or the module itself when backend is None."""
+    if backend is None:
+        return module
+    import torch
+
+    return torch.compile(module, backend=backend)

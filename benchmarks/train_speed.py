@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py --dry-run                         # tiny, CPU, well under a minute
     python benchmarks/train_speed.py --size sd15 --batch 4 --remat attention   # GPU/TPU, 512 px
+    python benchmarks/train_speed.py --size sd15 --batch 1 2 4 --remat none attention --compile-threads 6
     python benchmarks/train_speed.py --size sd15 --attention-backend cudnn --skip-torch
 
 The step is the whole training step: VAE encode + two CLIP passes (frozen, no gradient),
@@ -10,7 +11,10 @@ are constants (speed does not depend on their values). Prints compile time, stea
 images/s, peak device memory (where the backend reports it) and MFU from XLA's cost analysis
 against the chip peak table below (dense bf16 FLOP/s per chip; CPU: n/a). The PyTorch side:
 tests/torch_reference networks + diffusers AutoencoderKL + transformers CLIPTextModel, AdamW over
-the trainable params, bf16 autocast on GPU / fp32 on CPU.
+the trainable params, bf16 autocast on GPU / fp32 on CPU (eager; --torch-compile BACKEND adds
+the same step with its ControlNet and UNet under torch.compile). Several --batch / --remat values
+time every combination on one shared train state; --json FILE appends the results as records
+for benchmarks/records.py (the table of benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from timing import median_ms  # noqa: E402
+from records import append_record  # noqa: E402
+from timing import median_ms, time_limit  # noqa: E402
 from xpsr_jax.models import (AutoencoderKL, AutoencoderKLConfig, CLIPTextConfig, CLIPTextEncoder,  # noqa: E402
                              XPSRControlNet, XPSRUNet, XPSRUNetConfig)
 from xpsr_jax.schedulers import noise_schedule_from_config  # noqa: E402
@@ -102,49 +107,115 @@ def peak_memory_bytes() -> int | None:
     return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
-def bench_jax(args, compute: str):
+def jax_steps(args, compute: str, batches, remats, *, threads: int = 1):
+    """Compiled train steps for every (per-device batch, remat policy), sharing one train state.
+
+    Returns (run, info): `run(batch, remat)` is a no-argument callable doing one step and
+    `info[(batch, remat)]` holds compile seconds, XLA flops and XLA's memory figure. The remat
+    policy is a static attribute of the networks, so only the graphdefs differ between policies
+    and the (large) state exists once; the steps are compiled in `threads` threads (XLA compiles
+    outside the GIL), then run one after another on the one state (each step donates it).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xpsr_jax.training.step import split_models
+
     dtype = jnp.dtype(compute)
-    models = build_models(args.size, dtype=dtype, backend=args.attention_backend, remat=args.remat)
+    models = build_models(args.size, dtype=dtype, backend=args.attention_backend, remat="none")
     config = train_config(args, compute)
     mesh = make_mesh(config.mesh)
-    state, frozen, graphdefs = create_train_state(models, config, mesh)
-    print("  " + format_memory_estimate(memory_estimate(state, frozen, args.batch, args.resolution)))
-    global_size = args.batch * mesh.size
-    batch = global_batch(random_batch(global_size // jax.process_count(), args.resolution,
-                                      models.text_encoder.config.vocab_size), mesh)
+    state, frozen, _ = create_train_state(models, config, mesh)
+    print("  " + format_memory_estimate(memory_estimate(state, frozen, max(batches), args.resolution)), flush=True)
+    graphdefs = {}
+    for remat in remats:  # before any step runs: the steps donate the arrays the networks still hold
+        models.unet.remat_block_types = models.controlnet.remat_block_types = remat_block_types(remat)
+        graphdefs[remat] = split_models(models)[0]
+    vocab = models.text_encoder.config.vocab_size
+    data = {b: global_batch(random_batch(b * mesh.size // jax.process_count(), args.resolution, vocab), mesh)
+            for b in batches}
     schedule = noise_schedule_from_config(SD15_SCHEDULER)
-    step = make_train_step(config, graphdefs, schedule, mesh, state, frozen, batch)
+    keys = [(b, remat) for remat in remats for b in batches]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        steps = dict(zip(keys, pool.map(
+            lambda key: make_train_step(config, graphdefs[key[1]], schedule, mesh, state, frozen, data[key[0]]),
+            keys)))
     holder = {"state": state}
 
-    def one():
-        holder["state"], metrics = step(holder["state"], frozen, batch)
-        jax.block_until_ready(metrics["loss"])
+    def run(b, remat):
+        step, batch = steps[(b, remat)], data[b]
 
-    for _ in range(args.warmup):
-        one()
-    ms = median_ms(one, args.steps)
-    images = global_size / (ms / 1000)
-    peak = peak_flops(jax.devices()[0])
-    flops = step.flops
-    mfu = (f"{100 * flops / (ms / 1000) / peak:.1f}%" if flops and peak else "n/a")
-    memory = peak_memory_bytes()
-    print(f"  xpsr-jax: compile {step.compile_seconds:.1f} s, step {ms:.2f} ms, {images:.2f} images/s "
-          f"(global batch {global_size} on {mesh.size} devices), peak memory "
-          f"{'n/a' if memory is None else f'{memory / 2**30:.2f} GiB'}, XLA flops/step/device "
-          f"{'n/a' if flops is None else f'{flops:.3e}'}, MFU {mfu}", flush=True)
-    return images
+        def one():
+            holder["state"], metrics = step(holder["state"], frozen, batch)
+            jax.block_until_ready(metrics["loss"])
+        return one
+
+    info = {key: dict(compile_s=steps[key].compile_seconds, flops=steps[key].flops,
+                      xla_bytes=xla_memory_bytes(steps[key].compiled), global_batch=key[0] * mesh.size,
+                      devices=mesh.size) for key in keys}
+    return run, info
 
 
-def bench_torch(args, compute: str):
+def xla_memory_bytes(compiled) -> int | None:
+    """XLA's own figure for one step: arguments + outputs - aliased (donated) + temporaries."""
     try:
-        import diffusers
-        import torch
-        import transformers
-        from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
-    except ImportError as error:
-        print(f"  PyTorch reference unavailable: {error}")
+        stats = compiled.memory_analysis()
+        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                   + stats.temp_size_in_bytes)
+    except Exception:  # not every backend reports it
         return None
+
+
+def _flops_text(flops) -> str:
+    return "n/a" if flops is None else f"{flops:.3e}"
+
+
+def _gib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def bench_jax(args, compute: str):
+    """Times every (batch, remat) of args; returns {(batch, remat): images/s}. Steps are timed in
+    ascending order of XLA's memory figure, so the device's running peak after each is its peak."""
+    run, info = jax_steps(args, compute, args.batch, args.remat, threads=args.compile_threads)
+    order = sorted(info, key=lambda key: info[key]["xla_bytes"] or 0)
+    results = {}
+    for key in order:
+        b, remat = key
+        one = run(b, remat)
+        for _ in range(args.warmup):
+            one()
+        ms = median_ms(one, args.steps)
+        item = info[key]
+        images = item["global_batch"] / (ms / 1000)
+        peak = peak_flops(jax.devices()[0])
+        mfu = (f"{100 * item['flops'] / (ms / 1000) / peak:.1f}%" if item["flops"] and peak else "n/a")
+        memory = peak_memory_bytes()
+        print(f"  xpsr-jax batch {b} remat {remat}: compile {item['compile_s']:.1f} s, step {ms:.2f} ms, "
+              f"{images:.2f} images/s (global batch {item['global_batch']} on {item['devices']} devices), peak "
+              f"memory {_gib(memory)} (XLA: {_gib(item['xla_bytes'])}), XLA flops/step/device "
+              f"{_flops_text(item['flops'])}, MFU {mfu}", flush=True)
+        append_record(args.json, row=f"{_row(args, compute, b)}, remat {remat}", match=_row(args, compute, b),
+                      impl="xpsr-jax", value=images / item["devices"], unit="images/s",
+                      details=f"peak {_gib(memory)}, XLA {_gib(item['xla_bytes'])}, MFU {mfu}, "
+                              f"compile {item['compile_s']:.0f} s")
+        results[key] = images
+    return results
+
+
+def _row(args, compute: str, batch: int) -> str:
+    return f"train {args.resolution} px, {compute}, per-device batch {batch}"
+
+
+def torch_trainer(args, compute: str, compile_backend: str | None = None):
+    """`make_step(batch)` -> a no-argument callable doing one reference train step on a batch of
+    that size. The networks and AdamW are built once; `compile_backend` (e.g. "inductor") wraps
+    the ControlNet and UNet in torch.compile, compiled on the first call of each batch size."""
+    import diffusers
+    import torch
     import torch.nn.functional as F
+    import transformers
+    from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
+    from timing import torch_compiled
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = device == "cuda" and compute != "float32"
@@ -169,84 +240,157 @@ def bench_torch(args, compute: str):
     for name, module in unet.named_modules():
         if name.endswith(("pixel_attentions", "attentions_lowlevel", "attentions_connect")):
             module.requires_grad_(True)
-    if args.remat != "none":
-        print("  (PyTorch side runs without gradient checkpointing)")
     params = list(controlnet.parameters()) + [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     scheduler = diffusers.DDPMScheduler(**SD15_SCHEDULER)
-    batch = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2) if v.ndim == 4 else v)).to(device)
-             for k, v in random_batch(args.batch, args.resolution, clip.vocab_size).items()}
     weight_dtype = torch.bfloat16 if autocast else torch.float32
+    unet_call, controlnet_call = torch_compiled(unet, compile_backend), torch_compiled(controlnet, compile_backend)
 
-    def step():
-        with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample().contiguous()
-            latents = latents * 0.18215
-            high = text_encoder(batch["highlevel_input_ids"].long())[0]
-            low = text_encoder(batch["lowlevel_input_ids"].long())[0]
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            out = controlnet(noisy, timesteps, high, low, batch["conditioning_pixel_values"].to(weight_dtype))
-            pred = unet(noisy, timesteps, high, low, out.down_block_res_samples, out.mid_block_res_sample)
-            loss = F.mse_loss(pred.float(), noise.float())
-            pixels = batch["pixel_values"].float()
-            for rgb in out.rgb_preds:
-                loss = loss + 0.05 * F.l1_loss(F.interpolate(pixels, size=rgb.shape[-2:], mode="bilinear"), rgb.float())
-            for pred_latent in list(out.latent_preds) + [out.latent_pred_mid]:
-                loss = loss + 0.05 * F.l1_loss(pred_latent.float(), F.interpolate(
-                    latents.float(), size=pred_latent.shape[-2:], mode="bilinear"))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def make_step(batch_size: int):
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2) if v.ndim == 4 else v)).to(device)
+                 for k, v in random_batch(batch_size, args.resolution, clip.vocab_size).items()}
 
-    for _ in range(args.warmup):
-        step()
-    ms = median_ms(step, args.steps)
-    images = args.batch / (ms / 1000)
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    print(f"  PyTorch ({device}, {'bf16 autocast' if autocast else 'fp32'}, eager): step {ms:.2f} ms, "
-          f"{images:.2f} images/s (batch {args.batch}), peak memory "
-          f"{'n/a' if memory is None else f'{memory:.2f} GiB'}", flush=True)
-    return images
+        def step():
+            with torch.no_grad():
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample().contiguous()
+                latents = latents * 0.18215
+                high = text_encoder(batch["highlevel_input_ids"].long())[0]
+                low = text_encoder(batch["lowlevel_input_ids"].long())[0]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                out = controlnet_call(noisy, timesteps, high, low, batch["conditioning_pixel_values"].to(weight_dtype))
+                pred = unet_call(noisy, timesteps, high, low, out.down_block_res_samples, out.mid_block_res_sample)
+                loss = F.mse_loss(pred.float(), noise.float())
+                pixels = batch["pixel_values"].float()
+                for rgb in out.rgb_preds:
+                    loss = loss + 0.05 * F.l1_loss(F.interpolate(pixels, size=rgb.shape[-2:], mode="bilinear"),
+                                                   rgb.float())
+                for pred_latent in list(out.latent_preds) + [out.latent_pred_mid]:
+                    loss = loss + 0.05 * F.l1_loss(pred_latent.float(), F.interpolate(
+                        latents.float(), size=pred_latent.shape[-2:], mode="bilinear"))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    make_step.device, make_step.autocast = device, autocast
+    return make_step
 
 
-def main(argv=None):
+def torch_peak_bytes() -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def bench_torch(args, compute: str, compile_backend: str | None = None):
+    """Times the reference step at every args.batch; returns {batch: images/s} ({} if unavailable)."""
+    import torch
+
+    impl = "pytorch" if compile_backend is None else "pytorch-compile"
+    label = "eager" if compile_backend is None else f"torch.compile({compile_backend})"
+    try:
+        make_step = torch_trainer(args, compute, compile_backend)
+    except ImportError as error:
+        print(f"  PyTorch reference unavailable: {error}")
+        return {}
+    if args.remat != ["none"]:
+        print("  (PyTorch side runs without gradient checkpointing)")
+    results = {}
+    for b in args.batch:
+        start = time.perf_counter()
+        try:
+            with time_limit(args.compile_timeout if compile_backend else None):
+                step = make_step(b)
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                for _ in range(max(1, args.warmup)):  # the first call compiles (torch.compile)
+                    step()
+        except Exception as error:  # report, don't crash: torch.compile is optional
+            text = f"failed after {time.perf_counter() - start:.0f} s: {type(error).__name__}: {str(error)[:80]}"
+            print(f"  PyTorch {label} batch {b}: {text}", flush=True)
+            append_record(args.json, row=_row(args, compute, b), impl=impl, value=None, unit="images/s", details=text)
+            if compile_backend is None:
+                raise
+            continue
+        ms = median_ms(step, args.steps)
+        images = b / (ms / 1000)
+        memory = torch_peak_bytes()
+        print(f"  PyTorch ({make_step.device}, {'bf16 autocast' if make_step.autocast else 'fp32'}, {label}) "
+              f"batch {b}: step {ms:.2f} ms, {images:.2f} images/s, peak memory {_gib(memory)}", flush=True)
+        append_record(args.json, row=_row(args, compute, b), impl=impl, value=images, unit="images/s",
+                      details=f"peak {_gib(memory)}")
+        results[b] = images
+    return results
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "sd15"], default="sd15")
-    parser.add_argument("--batch", type=int, default=None, help="per device; default 4 (sd15) / 2 (tiny)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="per device, one or more; default 4 (sd15) / 2 (tiny)")
     parser.add_argument("--resolution", type=int, default=None, help="default 512 (sd15) / 64 (tiny)")
-    parser.add_argument("--remat", choices=["none", "attention", "full"], default="none")
+    parser.add_argument("--remat", choices=["none", "attention", "full"], nargs="+", default=["none"],
+                        help="one or more remat policies (every batch runs under each)")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="compute dtype; default bfloat16 on accelerators, float32 on CPU")
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-torch", action="store_true", help="no eager PyTorch timing")
+    parser.add_argument("--skip-jax", action="store_true", help="no xpsr-jax timing (PyTorch rows only)")
+    parser.add_argument("--torch-compile", default=None, metavar="BACKEND",
+                        help="also time the PyTorch step under torch.compile(backend=BACKEND), e.g. inductor")
+    parser.add_argument("--compile-timeout", type=float, default=None,
+                        help="seconds torch.compile + warm-up may take per batch before it is reported as failed")
+    parser.add_argument("--compile-threads", type=int, default=1,
+                        help="compile the xpsr-jax steps for the (batch, remat) matrix in this many threads")
+    parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/records.py)")
     parser.add_argument("--dry-run", action="store_true", help="tiny on CPU, 3 steps")
     args = parser.parse_args(argv)
     if args.dry_run:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_disable_most_optimizations", True)  # a smoke run: compile fast
         args.size, args.steps, args.warmup = "tiny", 3, 1
-    args.batch = args.batch or (2 if args.size == "tiny" else 4)
+    args.batch = args.batch or [2 if args.size == "tiny" else 4]
     args.resolution = args.resolution or (64 if args.size == "tiny" else 512)
-    on_cpu = jax.devices()[0].platform == "cpu"
-    compute = args.dtype or ("float32" if on_cpu else "bfloat16")
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; XPSR train step, size {args.size}, "
-          f"{args.resolution} px, per-device batch {args.batch}, {compute} compute, remat {args.remat}, "
-          f"attention {args.attention_backend}; peak table {PEAK_FLOPS}", flush=True)
-    jax_images = bench_jax(args, compute)
-    if not args.skip_torch:
-        torch_images = bench_torch(args, compute)
-        if torch_images:
-            print(f"  ratio xpsr-jax / PyTorch images/s: {jax_images / (torch_images * jax.device_count()):.2f}x "
-                  f"(per device)")
+    return args
+
+
+def default_compute(args) -> str:
+    """args.dtype, else bfloat16 on an accelerator / float32 on CPU (without starting JAX when only
+    PyTorch runs: JAX would reserve most of the GPU's memory)."""
+    if args.dtype:
+        return args.dtype
+    if args.skip_jax:
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    compute = default_compute(args)
+    where = "PyTorch only" if args.skip_jax else f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    print(f"devices: {where}; XPSR train step, size {args.size}, {args.resolution} px, per-device batch "
+          f"{args.batch}, {compute} compute, remat {args.remat}, attention {args.attention_backend}; "
+          f"peak table {PEAK_FLOPS}", flush=True)
+    jax_images = {} if args.skip_jax else bench_jax(args, compute)
+    torch_images = {} if args.skip_torch else bench_torch(args, compute)
+    if args.torch_compile:
+        bench_torch(args, compute, args.torch_compile)
+    devices = 1 if args.skip_jax else jax.device_count()
+    for (b, remat), images in jax_images.items():
+        if torch_images.get(b):
+            print(f"  ratio xpsr-jax / PyTorch images/s, batch {b}, remat {remat}: "
+                  f"{images / (torch_images[b] * devices):.2f}x (per device)")
 
 
 if __name__ == "__main__":

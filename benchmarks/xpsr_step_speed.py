@@ -19,13 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from timing import median_ms, torch_median_ms
+from timing import median_ms, torch_compiled, torch_median_ms
 from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
 from xpsr_jax.weights.pretrained import eval_shape_model
 
 TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
-
-
 
 
 def constant_model(build, dtype):
@@ -66,29 +64,51 @@ def bench_jax(config, *, dtype, backend, batch, latent, repeats):
     return compile_s, median_ms(run, repeats)
 
 
-def bench_torch(config, *, dtype_name, batch, latent, repeats):
-    try:
-        import torch
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
-    except ImportError as error:
-        print(f"  torch reference unavailable: {error}")
-        return None
+def torch_reference():
+    """(torch, XPSRControlNetTorch, XPSRUNetTorch) from tests/torch_reference (needs diffusers)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
+    return torch, XPSRControlNetTorch, XPSRUNetTorch
+
+
+def torch_unet_keys(config) -> dict:
+    """The diffusers-style config dict of an XPSRUNetConfig for the PyTorch reference."""
+    keys = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items() if k != "sample_size"}
+
+
+def build_torch_step(config, *, dtype_name, batch, latent, compile_backend=None):
+    """A no-argument callable running one reference step (no autograd); `compile_backend` (e.g.
+    "inductor") wraps both networks in torch.compile, which compiles on the first call."""
+    torch, XPSRControlNetTorch, XPSRUNetTorch = torch_reference()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-    keys = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-    keys = {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items() if k != "sample_size"}
-    unet = XPSRUNetTorch(keys).to(device, dtype).eval()
+    unet = XPSRUNetTorch(torch_unet_keys(config)).to(device, dtype).eval()
     controlnet = XPSRControlNetTorch.from_unet(unet, load_weights_from_unet=False).to(device, dtype).eval()
+    unet_call, controlnet_call = torch_compiled(unet, compile_backend), torch_compiled(controlnet, compile_backend)
     sample = torch.ones(batch, 4, latent, latent, device=device, dtype=dtype)
     timesteps = torch.full((batch,), 500, device=device)
     high = torch.ones(batch, 77, config.cross_attention_dim, device=device, dtype=dtype)
     cond = torch.full((batch, 3, 8 * latent, 8 * latent), 0.5, device=device, dtype=dtype)
 
     def step():
-        control = controlnet(sample, timesteps, high, high, cond)
-        unet(sample, timesteps, high, high, control.down_block_res_samples, control.mid_block_res_sample)
+        with torch.no_grad():
+            control = controlnet_call(sample, timesteps, high, high, cond)
+            unet_call(sample, timesteps, high, high, control.down_block_res_samples, control.mid_block_res_sample)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
+    return step
+
+
+def bench_torch(config, *, dtype_name, batch, latent, repeats):
+    try:
+        step = build_torch_step(config, dtype_name=dtype_name, batch=batch, latent=latent)
+    except ImportError as error:
+        print(f"  torch reference unavailable: {error}")
+        return None
     return torch_median_ms(step, repeats)
 
 

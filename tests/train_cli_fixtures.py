@@ -41,8 +41,30 @@ def build_tiny_setup(root: Path, *, examples: int = 8, hr_size: int = 96) -> Tin
     write_prepared_work_dir(root / "work", count=examples, hr_size=hr_size)
     tfds_builder.build_dataset(config_name="prepared", source_dir=root / "work",
                                data_dir=root / "tfds")
-    (root / "jax_cache").mkdir()
-    return TinySetup(paths.sd15, paths.xpsr, root / "tfds", root / "jax_cache")
+    # XPSR_TEST_COMPILE_CACHE: a cache folder kept between pytest runs (a rerun of the end-to-end
+    # file then skips the train-step compiles of the last one).
+    cache = Path(os.environ.get("XPSR_TEST_COMPILE_CACHE") or root / "jax_cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    return TinySetup(paths.sd15, paths.xpsr, root / "tfds", cache)
+
+
+def write_validation_images(root: Path, count: int = 1, lr_size: int = 16) -> Path:
+    """The official validation layout: root/LR/*.png, root/HR/ (4x), prompts; returns root/LR."""
+    import numpy as np
+
+    from xpsr_jax.data import images as image_io
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        name = f"val_{index}"
+        hr = rng.integers(0, 256, (4 * lr_size, 4 * lr_size, 3), dtype=np.uint8)
+        lr = hr.reshape(lr_size, 4, lr_size, 4, 3).mean(axis=(1, 3)).astype(np.uint8)
+        image_io.write_png_atomic(root / "LR" / f"{name}.png", lr)
+        image_io.write_png_atomic(root / "HR" / f"{name}.png", hr)
+        for folder, text in (("highlevel_prompt", "a photo of a cat"), ("lowlevel_prompt", "blurry, noisy")):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / f"{name}.txt").write_text(text + "\n")
+    return root / "LR"
 
 
 def free_port() -> int:
@@ -75,7 +97,7 @@ class Finished(NamedTuple):
 
 
 def run_train(setup: TinySetup, workdir: Path, *overrides: str, device_count: int = 4,
-              extra_args: tuple[str, ...] = (), timeout: float = 1800) -> Finished:
+              extra_args: tuple[str, ...] = (), timeout: float = 3600) -> Finished:
     done = subprocess.run(train_command(setup, workdir, *overrides) + list(extra_args),
                           env=train_env(setup, device_count), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
@@ -90,7 +112,7 @@ def logged_steps(workdir: Path) -> int:
 
 
 def run_and_signal(setup: TinySetup, workdir: Path, *overrides: str, after_step: int,
-                   signal_number: int, device_count: int = 4, timeout: float = 1800) -> Finished:
+                   signal_number: int, device_count: int = 4, timeout: float = 3600) -> Finished:
     """Starts train.py and sends `signal_number` once metrics.jsonl shows `after_step`."""
     process = subprocess.Popen(train_command(setup, workdir, *overrides),
                                env=train_env(setup, device_count), stdout=subprocess.PIPE,
@@ -114,7 +136,7 @@ def run_and_signal(setup: TinySetup, workdir: Path, *overrides: str, after_step:
 
 
 def run_two_processes(setup: TinySetup, workdir: Path, *overrides: str,
-                      timeout: float = 1800) -> list[Finished]:
+                      timeout: float = 3600) -> list[Finished]:
     """Two train.py processes on localhost (2 simulated CPU devices each, gloo collectives)."""
     port = free_port()
     processes = []

@@ -1,6 +1,15 @@
-"""End-to-end training runs on the tiny model: the loss curve, SIGTERM / SIGKILL resume step for
-step, and a real two-process run. Not collected by the default suite (the name lacks `test_`):
-each run compiles the train step (minutes on a 2-core CPU). Run explicitly:
+"""End-to-end training runs of train.py on the tiny model: the loss curve and periodic validation
+grids, SIGTERM / SIGKILL resume step for step, and a real two-process run whose checkpoint
+continues in one process.
+
+Every run is a subprocess sharing one persistent JAX compilation cache, so the train step is
+compiled twice in all (the 1-process 4-device program and the 2-process one); the other runs
+load it from the cache.
+
+Not collected by the default suite (the name lacks `test_`): XLA's CPU compile of the tiny train
+step alone takes minutes on a 2-core machine (measured 435 s under load), more than the CI
+budget of the whole suite allows. Run explicitly (keep the compile cache between runs with
+XPSR_TEST_COMPILE_CACHE=/some/folder):
 
     python -m pytest tests/train_end_to_end.py -q -s
 """
@@ -13,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_cli_fixtures import build_tiny_setup, run_and_signal, run_train, run_two_processes
+from train_cli_fixtures import (build_tiny_setup, run_and_signal, run_train, run_two_processes,
+                                write_validation_images)
 from xpsr_jax.training import metrics as metrics_lib
 
 TOTAL_STEPS = 12
@@ -45,11 +55,20 @@ RUN_FLAGS = (f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every=3
              "--config.keep_checkpoints=2", "--config.log_every=1")
 
 
+VALIDATE_EVERY = 6
+
+
 @pytest.fixture(scope="module")
 def reference_run(setup, tmp_path_factory):
-    """One uninterrupted 1-process run on 4 CPU devices (global batch 4)."""
-    workdir = tmp_path_factory.mktemp("reference") / "run"
-    done = run_train(setup, workdir, *RUN_FLAGS, "--config.pipeline.batch_size=4")
+    """One uninterrupted 1-process run on 4 CPU devices (global batch 4), validating every
+    VALIDATE_EVERY steps on one image."""
+    root = tmp_path_factory.mktemp("reference")
+    lr_dir = write_validation_images(root / "validation_images")
+    workdir = root / "run"
+    done = run_train(setup, workdir, *RUN_FLAGS, "--config.pipeline.batch_size=4",
+                     f"--config.validation.every={VALIDATE_EVERY}", f"--config.validation.lr_dir={lr_dir}",
+                     "--config.validation.num_images=1",
+                     "--config.validation.infer_config=configs/infer.py:validation,tiny")
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, done
 
@@ -80,6 +99,22 @@ def test_tiny_config_trains_and_its_loss_decreases(reference_run):
     stored = json.loads((workdir / "config.json").read_text())
     assert stored["pipeline"]["tokenizer_path"].endswith("tokenizer")
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [9, 12]
+
+
+def test_validation_writes_an_lr_sr_hr_grid_of_the_current_weights(reference_run):
+    from xpsr_jax.data import images as image_io
+
+    workdir, done = reference_run
+    grids = sorted((workdir / "validation").glob("step_*.png"))
+    assert [p.name for p in grids] == [f"step_{s:08d}.png" for s in range(VALIDATE_EVERY, TOTAL_STEPS + 1,
+                                                                          VALIDATE_EVERY)]
+    first, last = (image_io.read_rgb(p) for p in grids)
+    assert first.shape == last.shape == (64, 3 * 64, 3)  # LR (upscaled) | SR | HR, one row
+    hr = image_io.read_rgb(Path(str(workdir.parent / "validation_images" / "HR" / "val_0.png")))
+    np.testing.assert_array_equal(first[:, 128:], hr)
+    np.testing.assert_array_equal(first[:, :64], last[:, :64])  # the same LR
+    assert np.abs(first[:, 64:128].astype(int) - last[:, 64:128]).mean() > 0.5  # weights moved
+    assert f"validation grid of step {VALIDATE_EVERY}" in done.stdout
 
 
 @pytest.mark.slow

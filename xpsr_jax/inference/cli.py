@@ -26,11 +26,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags
+from ml_collections import config_dict
+
+from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, split_config_args
 from xpsr_jax.data.images import IMAGE_SUFFIXES, ImageReadError, read_rgb, write_png_atomic
+from xpsr_jax.export import load_artifact
+from xpsr_jax.export.artifact import ArtifactInputError
+from xpsr_jax.export.formats import STABLEHLO, WeightsFormatError, read_manifest
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
-from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr
+from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr, resize_output
 from xpsr_jax.inference.prompts import OFFICIAL_LR_FOLDER, MissingPromptError, PromptSource, is_official_layout
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "infer.py")
@@ -53,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="an image, a folder of images, or an official "
                         "test-set folder (LR/, highlevel_prompt/, lowlevel_prompt*/)")
     parser.add_argument("--output", required=True, help="output folder (PNG, same names)")
-    parser.add_argument("--weights", required=True, help="XPSR release folder (unet/, controlnet/)")
+    parser.add_argument("--weights", required=True, help="an XPSR release folder (unet/, controlnet/), an orbax "
+                        "inference checkpoint (python -m xpsr_jax.export orbax), or a StableHLO artifact "
+                        "(python -m xpsr_jax.export stablehlo: used where it covers the recipe and the "
+                        "images' processed sizes; without --config its own recipe is used)")
     parser.add_argument("--sd15", help="SD 1.5 folder (vae/, text_encoder/, tokenizer/, scheduler/); "
-                        "default: --weights when it has them")
+                        "default: --weights when it has them (not needed with a StableHLO artifact)")
     parser.add_argument("--captions", help="captions JSONL of xpsr_jax.captions, keyed by file stem")
     parser.add_argument("--caption-source", default="lr", choices=("lr", "hr"),
                         help="which image's captions to read from --captions (default: lr)")
@@ -113,7 +121,8 @@ def _init_distributed(args) -> None:
                                    process_id=args.process_id)
 
 
-def run(args, config) -> int:
+def run(args, config, artifact=None) -> int:
+    """`artifact`: a loaded StableHLO artifact to sample with instead of the pipeline."""
     output = Path(args.output)
     files, official_root = list_inputs(Path(args.input))
     files = process_share(files, jax.process_index(), jax.process_count())
@@ -130,7 +139,9 @@ def run(args, config) -> int:
             image = load_lr(path)
             highlevel, lowlevel = prompts.prompts(path)
             conditioning_shape = preprocess_lr(image, config.process_size, upscale=config.upscale).shape
-        except (InputImageError, MissingPromptError, OSError, UnicodeDecodeError) as error:
+            if artifact is not None:
+                check_artifact_size(artifact, conditioning_shape)
+        except (InputImageError, MissingPromptError, ArtifactInputError, OSError, UnicodeDecodeError) as error:
             message = str(error)
             message = message if message.startswith(str(path)) else f"{path}: {message}"
             print(f"error: {message}", file=sys.stderr, flush=True)
@@ -140,7 +151,8 @@ def run(args, config) -> int:
     print(f"{len(files)} file(s) for this process, {skipped} already done, {len(todo)} to run, "
           f"{len(failures)} rejected; prompts from {prompts.describe()}", flush=True)
     if todo:
-        pipe = XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config)
+        pipe = ArtifactRunner(artifact, config) if artifact is not None else \
+            XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config)
         progress = tqdm(total=len(todo), unit="img", desc="super-resolving", disable=jax.process_index() != 0)
         start = time.perf_counter()
         for chunk in size_batches(todo, config.batch_size):
@@ -152,6 +164,76 @@ def run(args, config) -> int:
             progress.set_postfix(img_per_s=f"{progress.n / (time.perf_counter() - start):.2f}")
         progress.close()
     return _summary(failures)
+
+
+# ---------------------------------------------------------------- StableHLO artifacts
+
+# Run-time settings: not part of an exported program (the seed enters as keys, batches are split).
+ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed")
+
+
+def stablehlo_artifact_path(weights: str) -> Path | None:
+    """`weights` when it is a StableHLO artifact (manifest.json with format "stablehlo"), else None
+    (anything else, broken or not, is left to the pipeline's own checks)."""
+    try:
+        manifest = read_manifest(weights) if Path(weights).is_dir() else None
+    except WeightsFormatError:
+        return None
+    return Path(weights) if manifest is not None and manifest["format"] == STABLEHLO else None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    items = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items.update(_flat(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def artifact_config_differences(artifact, config) -> list[str]:
+    """'key: artifact A, requested B' for every recipe setting the artifact was not exported with."""
+    exported, requested = _flat(artifact.config), _flat(config.to_dict())
+    return [f"{key}: artifact {exported.get(key)!r}, requested {requested.get(key)!r}"
+            for key in sorted(set(exported) | set(requested))
+            if key not in ARTIFACT_RUNTIME_KEYS and exported.get(key) != requested.get(key)]
+
+
+def check_artifact_covers(artifact, config) -> None:
+    differences = artifact_config_differences(artifact, config)
+    if differences:
+        raise ValueError(f"--weights {artifact.path}: the StableHLO artifact does not cover this recipe; it was "
+                         f"exported with other settings ({'; '.join(differences)}). Run without --config to use "
+                         f"its recipe, or export it again with these settings")
+
+
+def check_artifact_size(artifact, conditioning_shape) -> None:
+    size = tuple(conditioning_shape[:2])
+    if size not in artifact.sizes:
+        covered = ", ".join(f"{h}x{w}" for h, w in artifact.sizes)
+        raise ArtifactInputError(f"processed size {size[0]}x{size[1]} is not covered by the StableHLO artifact "
+                                 f"{artifact.path} (it covers {covered}); export it with --size {size[0]}x{size[1]}")
+
+
+class ArtifactRunner:
+    """The pipeline's `__call__` on a StableHLO artifact: preprocess, sample, resize back."""
+
+    def __init__(self, artifact, config):
+        self.artifact, self.config = artifact, config
+
+    def __call__(self, lr_images, highlevel_prompts, lowlevel_prompts) -> list[np.ndarray]:
+        conditioning = np.stack([preprocess_lr(image, self.config.process_size, upscale=self.config.upscale)
+                                 for image in lr_images])
+        limit = len(lr_images) if self.artifact.symbolic_batch else max(self.artifact.batch_sizes)
+        images = []
+        for start in range(0, len(lr_images), limit):
+            part = slice(start, start + limit)
+            count = len(conditioning[part])
+            out = self.artifact.sample(conditioning[part], list(highlevel_prompts[part]),
+                                       list(lowlevel_prompts[part]), seeds=[self.config.seed] * count)
+            images.extend(out["images"])
+        return [resize_output(image, lr.shape, upscale=self.config.upscale) for image, lr in zip(images, lr_images)]
 
 
 def size_batches(todo: Sequence["Job"], batch_size: int) -> list[list["Job"]]:
@@ -180,9 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     args = parser.parse_args(rest)
     try:
+        artifact = None
+        if stablehlo_artifact_path(args.weights) is not None:
+            artifact = load_artifact(args.weights)
+            if not split_config_args(argv)[0]:  # no --config flags: the artifact's own recipe
+                config = config_dict.ConfigDict(artifact.config)
+                config.lock()
+            if args.sd15:
+                print(f"note: --sd15 is not used: the StableHLO artifact {args.weights} holds every network",
+                      flush=True)
         validate_infer_config(config)
+        if artifact is not None:
+            check_artifact_covers(artifact, config)
         _init_distributed(args)
-        return run(args, config)
+        return run(args, config, artifact)
     except (ValueError, FileNotFoundError, WeightsFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

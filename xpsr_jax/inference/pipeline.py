@@ -54,13 +54,35 @@ def resolve_sd15(weights: Path, sd15: str | os.PathLike | None) -> Path:
 
 
 def load_sampling_networks(weights: str | os.PathLike, **model_kwargs):
-    """(unet, controlnet) from an official-layout release folder (unet/ + controlnet/)."""
+    """(unet, controlnet) from an official-layout release folder (unet/ + controlnet/) or an
+    orbax inference checkpoint (`python -m xpsr_jax.export orbax`); `model_kwargs`: dtype,
+    param_dtype, attention_backend."""
+    from xpsr_jax.export.formats import (ORBAX_INFERENCE, RELEASE, STABLEHLO, WeightsFormatError,
+                                         detect_weights_format)
+
     folder = Path(weights)
     if not folder.is_dir():
         raise WeightsFolderError(f"{folder}: weights folder not found")
-    if (folder / "unet").is_dir() and (folder / "controlnet").is_dir():
+    try:
+        kind = detect_weights_format(folder)
+    except WeightsFormatError as error:
+        if (folder / "manifest.json").is_file():  # a broken manifest: say what is wrong with it
+            raise WeightsFolderError(str(error)) from error
+        kind = None
+    if kind == RELEASE:
         return load_xpsr(folder, **model_kwargs)
-    raise WeightsFolderError(f"{folder}: not an XPSR release (needs unet/ and controlnet/ subfolders)")
+    if kind == ORBAX_INFERENCE:
+        from xpsr_jax.export.inference_checkpoint import load_inference_checkpoint
+
+        try:
+            return load_inference_checkpoint(folder, **model_kwargs)
+        except WeightsFormatError as error:
+            raise WeightsFolderError(str(error)) from error
+    if kind == STABLEHLO:
+        raise WeightsFolderError(f"{folder}: a StableHLO artifact holds compiled programs, not networks; "
+                                 "load it with xpsr_jax.export.load_artifact")
+    raise WeightsFolderError(f"{folder}: not an XPSR release (needs unet/ and controlnet/ subfolders) nor an "
+                             "orbax inference checkpoint (python -m xpsr_jax.export orbax)")
 
 
 def _as_config(config: config_dict.ConfigDict | None) -> config_dict.ConfigDict:
@@ -108,7 +130,8 @@ class XPSRPipeline:
     @classmethod
     def from_pretrained(cls, weights: str | os.PathLike, sd15: str | os.PathLike | None = None,
                         config: config_dict.ConfigDict | None = None, **kwargs) -> "XPSRPipeline":
-        """`weights`: an official-layout release (unet/, controlnet/); `sd15`: the base folder with
+        """`weights`: an official-layout release (unet/, controlnet/) or an orbax inference
+        checkpoint (python -m xpsr_jax.export orbax); `sd15`: the base folder with
         vae/, text_encoder/, tokenizer/, scheduler/ (default: `weights`, when it has them)."""
         config = _as_config(config)
         weights = Path(weights)

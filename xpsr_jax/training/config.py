@@ -132,7 +132,8 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
         check_base_model(config.base_model)
         if config.init_from and not Path(config.init_from).is_dir():
             raise ConfigError(f"train config: init_from={config.init_from!r}: no such folder "
-                              "(a release folder with unet/ and controlnet/, or \"\")")
+                              "(a release folder with unet/ and controlnet/, an orbax inference "
+                              "checkpoint of python -m xpsr_jax.export orbax, or \"\")")
         check_dataset(config.pipeline)
     try:
         validate_pipeline_config(config.pipeline)
@@ -154,8 +155,10 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
     _check_int(config, "seed", 0)
 
     optimizer = config.optimizer
-    if not optimizer.learning_rate > 0:
-        raise _bad("optimizer.learning_rate", optimizer.learning_rate, "a number > 0")
+    # 0 is allowed: the weights then stay as loaded (AdamW's decay is scaled by it too), which
+    # checks a pipeline end to end (init_from -> train -> export gives the same bytes).
+    if not optimizer.learning_rate >= 0:
+        raise _bad("optimizer.learning_rate", optimizer.learning_rate, "a number >= 0")
     for key in ("b1", "b2"):
         if not 0 <= optimizer[key] < 1:
             raise _bad(f"optimizer.{key}", optimizer[key], "a number in [0, 1)")
@@ -179,6 +182,10 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
     for key in ("param_dtype", "compute_dtype", "frozen_dtype"):
         _check_choice(config, f"precision.{key}", DTYPES)
     _check_choice(config, "precision.loss_scaling", LOSS_SCALINGS)
+    if config.precision.compute_dtype == "float16" and config.precision.loss_scaling != "dynamic":
+        # float16 gradients of the small DFC / MSE terms underflow to zero without scaling
+        raise ConfigError("train config: precision.compute_dtype='float16' needs "
+                          "precision.loss_scaling='dynamic' (or use compute_dtype='bfloat16')")
 
     for key in ("data", "fsdp"):
         value = config.mesh[key]
@@ -279,6 +286,31 @@ def weights_fingerprint(folder: str | os.PathLike,
     return digest.hexdigest()
 
 
+def tree_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over the relative paths, sizes and sampled contents (as `weights_fingerprint`) of
+    every file under `folder`: for an orbax checkpoint, whose array files have no suffix."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(root).parent}/".encode())
+        _file_fingerprint(path, digest)
+    return digest.hexdigest()
+
+
+def init_from_fingerprint(path: str | os.PathLike) -> str:
+    """The fingerprint of an `init_from` folder: its unet/ and controlnet/ weight files for a
+    release, every file for an orbax inference checkpoint (python -m xpsr_jax.export orbax)."""
+    from xpsr_jax.export.formats import ORBAX_INFERENCE, WeightsFormatError, detect_weights_format
+
+    try:
+        kind = detect_weights_format(path)
+    except WeightsFormatError:  # not weights at all: loading init_from reports it
+        kind = None
+    if kind == ORBAX_INFERENCE:
+        return tree_fingerprint(path)
+    return weights_fingerprint(path, ("unet", "controlnet"))
+
+
 def frozen_base_reference(config: config_dict.ConfigDict) -> dict[str, str]:
     """{"base_model", "base_model_sha256", "init_from", "init_from_sha256"}: what the frozen
     weights were read from, stored in each checkpoint and checked on resume."""
@@ -286,8 +318,7 @@ def frozen_base_reference(config: config_dict.ConfigDict) -> dict[str, str]:
                  "base_model_sha256": weights_fingerprint(config.base_model),
                  "init_from": str(config.init_from), "init_from_sha256": ""}
     if config.init_from:
-        reference["init_from_sha256"] = weights_fingerprint(config.init_from,
-                                                            ("unet", "controlnet"))
+        reference["init_from_sha256"] = init_from_fingerprint(config.init_from)
     return reference
 
 

@@ -3,7 +3,8 @@
 From an SD 1.5 folder (`base_model`: unet/, vae/, text_encoder/), as the official `train.py`:
 `XPSRUNet.from_sd_unet` (SD weights copied, SFA tensors copied from `attentions`, pixel
 attentions fresh) and `XPSRControlNet.from_unet` of that UNet. With `init_from` (a release folder:
-unet/ + controlnet/) the UNet and ControlNet come from it as stored (fine-tuning, or continuing
+unet/ + controlnet/, or an orbax inference checkpoint of `python -m xpsr_jax.export orbax`) the UNet
+and ControlNet come from it as stored (fine-tuning, or continuing
 from the official weights); the VAE and text encoder always come from `base_model`.
 """
 
@@ -66,6 +67,13 @@ def _check_folder(folder: Path, subfolders: tuple[str, ...], what: str, key: str
         raise FileNotFoundError(f"{key}={str(folder)!r}: {what} needs {', '.join(f'{m}/config.json' for m in missing)}")
 
 
+def _is_inference_checkpoint(folder: str) -> bool:
+    from xpsr_jax.export.formats import ORBAX_INFERENCE, read_manifest
+
+    manifest = read_manifest(folder)
+    return manifest is not None and manifest["format"] == ORBAX_INFERENCE
+
+
 def init_xpsr_from_sd(sd_unet: UNet2DCondition, model_config: Mapping[str, Any] | None = None, *, seed: int = 0,
                       dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, attention_backend: str = "auto",
                       ) -> tuple[XPSRUNet, XPSRControlNet, dict[str, InitReport]]:
@@ -103,11 +111,17 @@ def load_training_models(base_model: str, init_from: str = "", model_config: Map
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs)
     text_encoder = CLIPTextEncoder.from_pretrained(base, subfolder="text_encoder", **kwargs)
     if init_from:
-        _check_folder(Path(init_from), ("unet", "controlnet"), "an XPSR release", "init_from")
-        unet, controlnet = load_xpsr(init_from, **kwargs)
+        _check_folder(Path(init_from), ("unet", "controlnet"), "an XPSR release or orbax inference checkpoint",
+                      "init_from")
+        if _is_inference_checkpoint(init_from):
+            from xpsr_jax.export.inference_checkpoint import load_inference_checkpoint
+
+            unet, controlnet = load_inference_checkpoint(init_from, **kwargs)
+        else:
+            unet, controlnet = load_xpsr(init_from, **kwargs)
         _check_release_config(unet, model_config, init_from)
         init_reports: dict[str, InitReport] = {}
-        logger.info("UNet and ControlNet loaded from the release %s", init_from)
+        logger.info("UNet and ControlNet loaded from %s", init_from)
     else:
         sd_unet = UNet2DCondition.from_pretrained(base, subfolder="unet", param_dtype=param_dtype)
         unet, controlnet, init_reports = init_xpsr_from_sd(sd_unet, model_config, seed=seed, **kwargs)

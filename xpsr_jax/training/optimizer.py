@@ -33,8 +33,8 @@ def validate_optimizer_config(config: Any, total_steps: int) -> None:
 
     for key in OPTIMIZER_KEYS:
         _get(config, key)
-    if not float(config["learning_rate"]) > 0:
-        raise bad("learning_rate", "a positive float")
+    if not float(config["learning_rate"]) >= 0:  # 0: the weights stay (decay is scaled by it too)
+        raise bad("learning_rate", "a float >= 0")
     for key in ("b1", "b2"):
         if not 0 <= float(config[key]) < 1:
             raise bad(key, "a float in [0, 1)")

@@ -22,6 +22,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
+from xpsr_jax.training.loss_scale import all_finite, initial_loss_scale, scaled_value_and_grad, update_loss_scale
 from xpsr_jax.training.models import XPSRModels
 from xpsr_jax.training.optimizer import ema_update, learning_rate_at, make_optimizer
 from xpsr_jax.training.sharding import batch_sharding, replicated, tree_shardings
@@ -29,20 +30,22 @@ from xpsr_jax.training.trainable import MODEL_NAMES, split_trainable
 
 TRAINABLE_MODELS = ("unet", "controlnet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-LOSS_SCALING = ("none",)
+LOSS_SCALING = ("none", "dynamic")
 
 
 @struct.dataclass
 class TrainState:
     """step: int32 scalar (micro-steps done); params: {"unet", "controlnet"} -> nnx.State of the
     trainable parameters; opt_state: optax state of params; rng: uint32[2] key of the per-step
-    draws; ema_params: like params, or None when ema_decay is 0."""
+    draws; ema_params: like params, or None when ema_decay is 0; loss_scale: a LossScaleState
+    with precision.loss_scaling="dynamic", else None."""
 
     step: jax.Array
     params: dict
     opt_state: Any
     rng: jax.Array
     ema_params: Any = None
+    loss_scale: Any = None
 
 
 class CompiledTrainStep(NamedTuple):
@@ -93,7 +96,9 @@ def state_shardings(state: TrainState, mesh: Mesh, config: Any) -> TrainState:
     return TrainState(step=replicated(mesh), params=tree_shardings(state.params, mesh, shard=shard),
                       opt_state=tree_shardings(state.opt_state, mesh, shard=shard), rng=replicated(mesh),
                       ema_params=None if state.ema_params is None
-                      else tree_shardings(state.ema_params, mesh, shard=shard))
+                      else tree_shardings(state.ema_params, mesh, shard=shard),
+                      loss_scale=None if state.loss_scale is None
+                      else jax.tree.map(lambda _: replicated(mesh), state.loss_scale))
 
 
 def frozen_shardings(frozen: Any, mesh: Mesh, config: Any) -> Any:
@@ -103,7 +108,7 @@ def frozen_shardings(frozen: Any, mesh: Mesh, config: Any) -> Any:
 def _check_precision(config: Any) -> None:
     if config.precision.loss_scaling not in LOSS_SCALING:
         raise ValueError(f"precision.loss_scaling={config.precision.loss_scaling!r} is not supported; valid: "
-                         f"{LOSS_SCALING} (bf16 compute needs no loss scaling)")
+                         f"{LOSS_SCALING} (float16 compute needs \"dynamic\"; bfloat16 needs none)")
 
 
 def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[TrainState, dict, dict]:
@@ -129,7 +134,11 @@ def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[Tra
         ema = jax.tree.map(jnp.copy, params)
     rng = jax.device_put(jax.random.PRNGKey(int(config.seed)), replicated(mesh))
     step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, ema_params=ema), frozen, graphdefs
+    loss_scale = None
+    if config.precision.loss_scaling == "dynamic":
+        loss_scale = jax.device_put(initial_loss_scale(), replicated(mesh))
+    state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng, ema_params=ema, loss_scale=loss_scale)
+    return state, frozen, graphdefs
 
 
 def _where_tree(condition: jax.Array, new: Any, old: Any) -> Any:
@@ -142,7 +151,9 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
     """One micro-step: loss and gradients of the trainable params, then the optimizer update.
 
     A non-finite loss or gradient leaves params / optimizer state unchanged (is_finite = False in
-    the metrics; the loop stops on it).
+    the metrics; the loop stops on it). With dynamic loss scaling an overflowing gradient is
+    expected now and then: that step is skipped and the scale halved (metrics `loss_scale`,
+    `skipped`); only a non-finite loss stops the run.
     """
     key = jax.random.fold_in(state.rng, state.step)
     vae = nnx.merge(graphdefs["vae"], frozen["vae"])
@@ -154,22 +165,31 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
         models = merge_models(graphdefs, params, frozen)
         return xpsr_loss(models, batch, draws, noise_schedule=noise_schedule, dfc_weight=dfc_weight)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss_scale = state.loss_scale
+    if loss_scale is None:
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:
+        (loss, terms), grads = scaled_value_and_grad(loss_fn, loss_scale)(state.params)
     grad_norm = optax.global_norm(grads)
-    is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = jnp.isfinite(loss) & all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    params = _where_tree(is_finite, params, state.params)
-    opt_state = _where_tree(is_finite, opt_state, state.opt_state)
+    params = _where_tree(apply, params, state.params)
+    opt_state = _where_tree(apply, opt_state, state.opt_state)
     ema = state.ema_params
     if ema is not None:
         accumulation = int(optimizer_config.gradient_accumulation_steps)
-        updated = is_finite & ((state.step + 1) % accumulation == 0)  # only when the weights moved
+        updated = apply & ((state.step + 1) % accumulation == 0)  # only when the weights moved
         ema = _where_tree(updated, ema_update(ema, params, float(optimizer_config.ema_decay)), ema)
     metrics = {**terms, "grad_norm": grad_norm,
-               "learning_rate": learning_rate_at(optimizer_config, total_steps, state.step),
-               "is_finite": is_finite}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+               "learning_rate": learning_rate_at(optimizer_config, total_steps, state.step)}
+    if loss_scale is None:
+        metrics["is_finite"] = apply
+    else:
+        metrics.update(is_finite=jnp.isfinite(loss), loss_scale=loss_scale.scale, skipped=~apply)
+        loss_scale = update_loss_scale(loss_scale, all_finite(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                              loss_scale=loss_scale)
     return new_state, metrics
 
 

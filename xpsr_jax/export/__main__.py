@@ -1,0 +1,5 @@
+import sys
+
+from xpsr_jax.export.cli import main
+
+sys.exit(main())

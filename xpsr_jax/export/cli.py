@@ -1,0 +1,49 @@
+"""`python -m xpsr_jax.export torch|orbax|stablehlo ...`: one subcommand per output format.
+
+    python -m xpsr_jax.export torch --workdir runs/xpsr --out xpsr-release
+    python -m xpsr_jax.export orbax --weights xpsr-release --out xpsr-orbax
+    python -m xpsr_jax.export stablehlo --weights xpsr-release --sd15 sd15 \
+        --config configs/infer.py --out xpsr-stablehlo
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
+the modules are imported only when their subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS = {
+    "torch": ("xpsr_jax.export.torch_layout", "a training checkpoint -> the official PyTorch release layout"),
+    "orbax": ("xpsr_jax.export.inference_checkpoint", "a release folder -> an inference-only orbax checkpoint"),
+    "stablehlo": ("xpsr_jax.export.stablehlo", "a release -> serialized StableHLO of the sampling function"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.export", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="format", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from xpsr_jax.export.formats import WeightsFormatError
+    from xpsr_jax.export.output import ExportError
+
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.format][0])
+    try:
+        return int(module.run(args) or 0)
+    except (ExportError, WeightsFormatError) as error:
+        print(f"export {args.format}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
