@@ -42,9 +42,9 @@ STAGES = ("model", "data", "train", "export", "infer", "evaluate")
 STATE_FILE = "quickstart.json"
 STATE_VERSION = 1
 METRICS = "psnr,ssim"  # full-reference metrics that need no downloaded weights
-# Folders inside the workdir, one per stage.
+# Folders inside the workdir, one per stage (and XLA's compilation cache).
 LAYOUT = {"model": "model", "prepare": "prepare", "tfds": "tfds", "train": "train",
-          "release": "release", "sr": "sr", "eval": "eval"}
+          "release": "release", "sr": "sr", "eval": "eval", "jax_cache": "jax_cache"}
 
 
 class QuickstartError(RuntimeError):
@@ -217,6 +217,16 @@ def _mean(values: Sequence[float]) -> float | None:
 # ----------------------------------------------------------------------------- the chain
 
 
+def _use_compile_cache(folder: Path) -> None:
+    """XLA's CPU compile of the train step is most of the chain's time: keep compiled programs
+    in the workdir, so a rerun with more --steps loads them (unless the user set a cache)."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+
+
 def run_quickstart(workdir: str | os.PathLike, steps: int = DEFAULT_STEPS,
                    examples: str | os.PathLike = DEFAULT_EXAMPLES) -> dict:
     """Runs (or resumes) the chain in `workdir`; returns the summary also written to
@@ -233,6 +243,7 @@ def run_quickstart(workdir: str | os.PathLike, steps: int = DEFAULT_STEPS,
     workdir.mkdir(parents=True, exist_ok=True)
     _write_state(workdir, state)
     paths = {key: workdir / name for key, name in LAYOUT.items()}
+    _use_compile_cache(paths["jax_cache"])
     inputs = {"model": {}, "data": {"crop_size": crop_size}, "train": {"steps": steps}}
     start, redo = time.perf_counter(), False
     for number, name in enumerate(STAGES, 1):

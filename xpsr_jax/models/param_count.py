@@ -15,6 +15,7 @@ from flax import nnx
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet
 from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
+from xpsr_jax.weights.pretrained import eval_shape_model
 
 SFA_EVERYWHERE = dict(down_use_lowlevel_prompt=True, mid_use_lowlevel_prompt=True,
                       up_use_lowlevel_prompt=(True,) * 4)
@@ -29,9 +30,9 @@ def parameter_counts(unet_config: UNet2DConditionConfig, *, sfa: bool = False) -
     """Counts for the SD UNet, the XPSR UNet and the XPSR ControlNet built from `unet_config`."""
     fields = {k: v for k, v in vars(unet_config).items() if k != "raw"}
     xpsr_config = XPSRUNetConfig(**fields, **(SFA_EVERYWHERE if sfa else {}))
-    sd_unet = nnx.eval_shape(lambda: UNet2DCondition(unet_config, rngs=nnx.Rngs(0)))
-    xpsr_unet = nnx.eval_shape(lambda: XPSRUNet(xpsr_config, rngs=nnx.Rngs(0)))
-    controlnet = nnx.eval_shape(lambda: XPSRControlNet.from_unet(xpsr_unet, rngs=nnx.Rngs(0),
+    sd_unet = eval_shape_model(lambda: UNet2DCondition(unet_config, rngs=nnx.Rngs(0)))
+    xpsr_unet = eval_shape_model(lambda: XPSRUNet(xpsr_config, rngs=nnx.Rngs(0)))
+    controlnet = eval_shape_model(lambda: XPSRControlNet.from_unet(xpsr_unet, rngs=nnx.Rngs(0),
                                                                  load_weights_from_unet=False)[0])
     return {"SD 1.5 UNet": count_parameters(sd_unet), "XPSR UNet": count_parameters(xpsr_unet),
             "XPSR ControlNet": count_parameters(controlnet)}
