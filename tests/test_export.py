@@ -31,6 +31,7 @@ from flax import nnx  # noqa: E402
 from parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
 from torch_reference import XPSRControlNetTorch, XPSRUNetTorch  # noqa: E402
 from train_cli_fixtures import REPO, build_tiny_setup  # noqa: E402
+from train_cli_fixtures import tiny_config as fixture_config  # noqa: E402
 from xpsr_jax.export import inference_checkpoint as orbax_export  # noqa: E402
 from xpsr_jax.export.cli import main  # noqa: E402
 from xpsr_jax.export.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format  # noqa: E402
@@ -40,8 +41,6 @@ from xpsr_jax.weights import files as weight_files  # noqa: E402
 from xpsr_jax.weights.convert import module_state_dict  # noqa: E402
 from xpsr_jax.weights.files import read_state_dict, write_state_dict  # noqa: E402
 
-sys.path.insert(0, str(REPO))
-from configs import train as train_configs  # noqa: E402
 
 NETWORKS = ("unet", "controlnet")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -55,17 +54,8 @@ def setup(tmp_path_factory):
 
 
 def tiny_config(setup, **overrides):
-    config = train_configs.get_config("tiny")
-    config.base_model = str(setup.sd15)
-    config.pipeline.data_dir = str(setup.data_dir)
-    config.init_from = str(setup.xpsr)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return train_config.resolve_train_config(config)
+    """The tiny training config, initialised from the tiny release, resolved."""
+    return train_config.resolve_train_config(fixture_config(setup, init_from=str(setup.xpsr), **overrides))
 
 
 def state_dicts(models) -> dict[str, dict[str, np.ndarray]]:

@@ -9,19 +9,16 @@ The subprocess runs share one tiny model, one tiny TFDS dataset and one JAX comp
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from train_cli_fixtures import REPO, build_tiny_setup
+from train_cli_fixtures import REPO, build_tiny_setup, tiny_config
 from xpsr_jax.training import checkpoint as checkpoint_lib
 from xpsr_jax.training import config as train_config
 from xpsr_jax.training import metrics as metrics_lib
 
-sys.path.insert(0, str(REPO))
-from configs import train as train_configs  # noqa: E402
 
 TOTAL_STEPS = 12
 LOSS_KEYS = ("loss", "mse", "dfc", "grad_norm")
@@ -30,19 +27,6 @@ LOSS_KEYS = ("loss", "mse", "dfc", "grad_norm")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return build_tiny_setup(tmp_path_factory.mktemp("train_cli"))
-
-
-def tiny_config(setup, **overrides):
-    config = train_configs.get_config("tiny")
-    config.base_model = str(setup.sd15)
-    config.pipeline.data_dir = str(setup.data_dir)
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
 
 
 def losses(workdir: Path) -> dict[int, dict[str, float]]:

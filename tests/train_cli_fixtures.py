@@ -67,6 +67,24 @@ def write_validation_images(root: Path, count: int = 1, lr_size: int = 16) -> Pa
     return root / "LR"
 
 
+def tiny_config(setup: TinySetup, **overrides):
+    """configs/train.py:tiny on `setup`; overrides by dotted key ("optimizer.learning_rate")."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from configs import train as train_configs
+
+    config = train_configs.get_config("tiny")
+    config.base_model = str(setup.sd15)
+    config.pipeline.data_dir = str(setup.data_dir)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
