@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
 
 def tiny_config(setup, **overrides):
     """The tiny training config, initialised from the tiny release, resolved."""
-    return train_config.resolve_train_config(fixture_config(setup, init_from=str(setup.xpsr), **overrides))
+    return train_config.resolve_train_config(fixture_config(setup, **{"init_from": str(setup.xpsr), **overrides}))
 
 
 def state_dicts(models) -> dict[str, dict[str, np.ndarray]]:
