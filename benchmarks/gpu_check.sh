@@ -13,13 +13,15 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]              # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run [OUTDIR]    # every row on CPU at tiny size (minutes: see below)
 #
-# The dry run (JAX_PLATFORMS=cpu, no nvidia-smi) passes the same scripts tiny / CPU flags, so every
-# code path of the GPU run executes; its cost is ~7 JAX/PyTorch compiles + 7 process start-ups (about
-# 4 CPU minutes measured; row timeouts x4 inside a 1500 s budget).
+# The dry run (JAX_PLATFORMS=cpu, no nvidia-smi) passes the same scripts CPU flags and the "micro"
+# size (the tiny widths with two UNet levels: half the compile), so every code path of the GPU run
+# executes; torch.compile uses its "eager" backend there (the compile path, not
+# inductor's codegen). Its cost is 2 train-step compiles in parallel + the sampling loop + 7 process
+# start-ups; tests/test_gpu_check.py runs it (row timeouts x4 inside a 1500 s budget).
 # Wheels the machine lacks (diffusers and ml-collections) travel in .whl/ and are installed into
 # /tmp/site without network or dependencies; the preflight line lists any module still missing.
 set -u
-usage() { sed -n 2,20p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 DRY=0
 OUTDIR=""
 for arg in "$@"; do
@@ -57,8 +59,8 @@ if [ "$DRY" = 1 ]; then
   # The same scripts and code paths at tiny size on the CPU; compile with few optimizations.
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES="" JAX_DISABLE_MOST_OPTIMIZATIONS=true
   # One batch size each (the matrix still has two remat entries): every compile costs ~1 CPU minute.
-  SIZE=(--size tiny); TRAIN_PX=64; SAMPLE_PX=64; STEPS=2; TRAIN_BATCHES=(1); SAMPLE_BATCHES=(1)
-  TIMING=(--steps 2 --warmup 1); REPEATS=1; THREADS=2; COMPILE_BACKEND=aot_eager; DTYPE=bfloat16
+  SIZE=(--size micro); TRAIN_PX=64; SAMPLE_PX=64; STEPS=2; TRAIN_BATCHES=(1); SAMPLE_BATCHES=(1)
+  TIMING=(--steps 2 --warmup 1); REPEATS=1; THREADS=2; COMPILE_BACKEND=eager; DTYPE=bfloat16
   DEVICE="CPU (dry run: tiny model, $(nproc) cores)"; PARITY_K="sfa_everywhere and not non"
   BUDGET=1500; SCALE=4
   export OMP_NUM_THREADS=1  # PyTorch's CPU threads collapse on a loaded machine; speed is not the point here

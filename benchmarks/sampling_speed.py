@@ -34,14 +34,18 @@ SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sc
                   "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
 TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
 TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1)
+# "micro": two UNet levels (benchmarks/train_speed.py's MICRO_UNET): the same code paths, half the compile.
+MICRO_UNET = dict(TINY_UNET, block_out_channels=(32, 32), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), up_use_lowlevel_prompt=(False, False))
+UNET_SIZES = {"micro": MICRO_UNET, "tiny": TINY_UNET, "sd15": {}}
 CONTEXT_SD15 = 768
 
 
 def model_keys(size: str, unet: dict | None = None, vae: dict | None = None) -> tuple[dict, dict]:
-    """(UNet, VAE) config overrides: `unet` / `vae` when given, else the tiny ones or SD 1.5 ({})."""
-    tiny = size == "tiny"
-    return (dict(TINY_UNET if tiny else {}) if unet is None else dict(unet),
-            dict(TINY_VAE if tiny else {}) if vae is None else dict(vae))
+    """(UNet, VAE) config overrides: `unet` / `vae` when given, else those of `size` (sd15: {})."""
+    return (dict(UNET_SIZES[size]) if unet is None else dict(unet),
+            dict(TINY_VAE if size != "sd15" else {}) if vae is None else dict(vae))
 
 
 def build_jax(size: str, dtype, backend: str, unet: dict | None = None, vae: dict | None = None):
@@ -143,9 +147,10 @@ def bench_torch(size, *, batch, pixels, steps, dtype_name, repeats, compile_back
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--size", choices=tuple(UNET_SIZES), default="tiny",
+                        help="sd15: SD 1.5 size; tiny: tiny widths; micro: tiny with two UNet levels")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
-    parser.add_argument("--pixels", type=int, default=None, help="default: 64 (tiny), 512 (sd15)")
+    parser.add_argument("--pixels", type=int, default=None, help="default: 64 (tiny, micro), 512 (sd15)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attention-backend", default="auto")
@@ -159,7 +164,7 @@ def main(argv=None):
     parser.add_argument("--compile-threads", type=int, default=1, help="compile the batch sizes in parallel")
     parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/records.py)")
     args = parser.parse_args(argv)
-    pixels = args.pixels or (64 if args.size == "tiny" else 512)
+    pixels = args.pixels or (512 if args.size == "sd15" else 64)
     # A PyTorch-only run leaves JAX unstarted: on a GPU it would reserve most of the memory.
     where = "PyTorch only" if args.skip_jax else jax.devices()[0].device_kind
     print(f"device: {where}; XPSR {args.size}, {pixels} px, {args.steps} DDPM steps, CFG, {args.dtype}", flush=True)

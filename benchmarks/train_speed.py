@@ -37,7 +37,7 @@ from xpsr_jax.models import (AutoencoderKL, AutoencoderKLConfig, CLIPTextConfig,
                              XPSRControlNet, XPSRUNet, XPSRUNetConfig)
 from xpsr_jax.schedulers import noise_schedule_from_config  # noqa: E402
 from xpsr_jax.training import (XPSRModels, create_train_state, global_batch, make_mesh,  # noqa: E402
-                               make_train_step, memory_estimate, format_memory_estimate)
+                               memory_estimate, format_memory_estimate)
 from xpsr_jax.training.models import remat_block_types  # noqa: E402
 
 # Peak dense bf16 FLOP/s per chip, by substring of jax's device_kind.
@@ -45,6 +45,12 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "TPU v4": 275e12, "TPU v5 lite": 1
               "TPU v5p": 459e12, "TPU v5": 459e12}
 TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
                  attention_head_dim=4, layers_per_block=1)
+# "micro": two UNet levels (a cross-attention and a plain block each way), so every code path of
+# the step runs at about half the compile cost (the GPU check's --dry-run). Both 32 wide: the
+# pixel attentions of the first up block need its residuals' widths equal, as SD's are.
+MICRO_UNET = dict(TINY_UNET, block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), up_use_lowlevel_prompt=(False, False))
+UNET_SIZES = {"micro": MICRO_UNET, "tiny": TINY_UNET, "sd15": {}}
 TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, layers_per_block=1)
 TINY_CLIP = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -65,9 +71,9 @@ def _constant(build):
 
 
 def build_models(size: str, *, dtype, backend: str, remat: str) -> XPSRModels:
-    tiny = size == "tiny"
+    tiny = size != "sd15"  # micro and tiny share the tiny VAE and CLIP
     kwargs = dict(dtype=dtype, param_dtype=jnp.float32, attention_backend=backend)
-    unet_config = XPSRUNetConfig(**(TINY_UNET if tiny else {}))
+    unet_config = XPSRUNetConfig(**UNET_SIZES[size])
     unet = _constant(lambda: XPSRUNet(unet_config, rngs=nnx.Rngs(0), **kwargs))
     controlnet = _constant(lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0), load_weights_from_unet=False,
                                                             **kwargs)[0])
@@ -118,7 +124,7 @@ def jax_steps(args, compute: str, batches, remats, *, threads: int = 1):
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from xpsr_jax.training.step import split_models
+    from xpsr_jax.training.step import compile_train_step, lower_train_step, split_models
 
     dtype = jnp.dtype(compute)
     models = build_models(args.size, dtype=dtype, backend=args.attention_backend, remat="none")
@@ -135,10 +141,12 @@ def jax_steps(args, compute: str, batches, remats, *, threads: int = 1):
             for b in batches}
     schedule = noise_schedule_from_config(SD15_SCHEDULER)
     keys = [(b, remat) for remat in remats for b in batches]
+    # Tracing NNX modules is not thread-safe (two traces at once: TraceContextError), so every
+    # step is lowered here, one after another, and only XLA's compiles run in the threads.
+    lowered = [lower_train_step(config, graphdefs[remat], schedule, mesh, state, frozen, data[b])
+               for b, remat in keys]
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        steps = dict(zip(keys, pool.map(
-            lambda key: make_train_step(config, graphdefs[key[1]], schedule, mesh, state, frozen, data[key[0]]),
-            keys)))
+        steps = dict(zip(keys, pool.map(lambda item: compile_train_step(*item), lowered)))
     holder = {"state": state}
 
     def run(b, remat):
@@ -219,9 +227,9 @@ def torch_trainer(args, compute: str, compile_backend: str | None = None):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = device == "cuda" and compute != "float32"
-    tiny = args.size == "tiny"
+    tiny = args.size != "sd15"
     unet_keys = {k: list(v) if isinstance(v, tuple) else v
-                 for k, v in XPSRUNetConfig(**(TINY_UNET if tiny else {})).to_dict().items()
+                 for k, v in XPSRUNetConfig(**UNET_SIZES[args.size]).to_dict().items()
                  if not k.startswith("_") and k != "sample_size"}
     unet = XPSRUNetTorch(unet_keys).to(device)
     controlnet = XPSRControlNetTorch.from_unet(unet, load_weights_from_unet=False).to(device)
@@ -331,10 +339,11 @@ def bench_torch(args, compute: str, compile_backend: str | None = None):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "sd15"], default="sd15")
+    parser.add_argument("--size", choices=list(UNET_SIZES), default="sd15",
+                        help="sd15: SD 1.5 size; tiny: tiny widths; micro: tiny with two UNet levels")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
-                        help="per device, one or more; default 4 (sd15) / 2 (tiny)")
-    parser.add_argument("--resolution", type=int, default=None, help="default 512 (sd15) / 64 (tiny)")
+                        help="per device, one or more; default 4 (sd15) / 2 (tiny, micro)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 512 (sd15) / 64 (tiny, micro)")
     parser.add_argument("--remat", choices=["none", "attention", "full"], nargs="+", default=["none"],
                         help="one or more remat policies (every batch runs under each)")
     parser.add_argument("--attention-backend", default="auto")
@@ -358,8 +367,8 @@ def parse_args(argv=None):
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_disable_most_optimizations", True)  # a smoke run: compile fast
         args.size, args.steps, args.warmup = "tiny", 3, 1
-    args.batch = args.batch or [2 if args.size == "tiny" else 4]
-    args.resolution = args.resolution or (64 if args.size == "tiny" else 512)
+    args.batch = args.batch or [4 if args.size == "sd15" else 2]
+    args.resolution = args.resolution or (512 if args.size == "sd15" else 64)
     return args
 
 

@@ -144,9 +144,9 @@ def test_every_loss_term_matches_the_official_lines(ours, reference):
     _, terms, _, _ = ours
     reference_terms, _, _ = reference
     assert set(terms) == set(reference_terms)
-    # 3 rgb heads, one latent head per skip (conv_in + 4 levels x 1 layer + 3 downsamplers), the mid head
+    # 3 rgb heads, one latent head per skip (conv_in + 2 levels x 1 layer + 1 downsampler), the mid head
     assert sum(k.startswith("dfc_rgb_") for k in terms) == 3
-    assert sum(k.startswith("dfc_latent_") and k != "dfc_latent_mid" for k in terms) == 8
+    assert sum(k.startswith("dfc_latent_") and k != "dfc_latent_mid" for k in terms) == 4
     for key, value in reference_terms.items():
         print(f"{key}: ours {float(terms[key]):.8g} reference {value:.8g}")
         np.testing.assert_allclose(float(terms[key]), value, rtol=TERM_RTOL, err_msg=key)
@@ -221,7 +221,7 @@ def test_init_from_sd_follows_the_official_rule(setup):
     nets = setup[0]
     reports = {}
     models = load_training_models(str(nets.sd15), "", SFA_EVERYWHERE, attention_backend="xla", reports=reports)
-    assert models.unet.config.up_use_lowlevel_prompt == (False, False, False, True)
+    assert models.unet.config.up_use_lowlevel_prompt == (False, True)
     unet_report, controlnet_report = reports["unet"], reports["controlnet"]
     assert all("pixel_attentions" in k or "attentions_connect" in k for k in unet_report.fresh)
     assert any("pixel_attentions" in k for k in unet_report.fresh)

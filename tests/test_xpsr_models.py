@@ -235,19 +235,32 @@ def test_parameter_counts_match_the_reference():
 def test_remat_gives_the_same_gradients():
     """Gradient checkpointing per block type changes memory, not maths."""
     from xpsr_jax.models.unet_blocks import BLOCK_TYPES
-    config = XPSRUNet.config_class(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, cross_attention_dim=8,
-                                   attention_head_dim=2, layers_per_block=1, mid_use_lowlevel_prompt=True)
+    # Two levels hold every block type (cross-attention and plain, down and up, mid): fewer ops to compile.
+    config = XPSRUNet.config_class(block_out_channels=(8, 8), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
+                                   cross_attention_dim=8, attention_head_dim=2, layers_per_block=1,
+                                   mid_use_lowlevel_prompt=True, up_use_lowlevel_prompt=(False, True))
     inputs = (jnp.ones((1, 8, 8, 4)), jnp.array([5]), jnp.ones((1, 3, 8)), jnp.ones((1, 3, 8)))
+    model = XPSRUNet(config, rngs=nnx.Rngs(0))  # built once: eager init is slow
+    blocks = (*model.down_blocks, model.mid_block, *model.up_blocks)
+    assert {block.block_type for block in blocks} == set(BLOCK_TYPES)
 
-    def grads(remat):
-        model = XPSRUNet(config, rngs=nnx.Rngs(0), remat_block_types=remat)
-        loss = lambda m: jnp.mean(m(*inputs) ** 2)  # noqa: E731
-        return nnx.state(nnx.grad(loss)(model), nnx.Param)
+    def grads(remat, trainable):
+        """Under jit, as the train step: the model merged from differentiated params and, when
+        `trainable` selects only some, closed-over frozen ones."""
+        model.remat_block_types = remat  # a static attribute, as load_training_models sets it
+        graphdef, params, frozen = nnx.split(model, nnx.All(nnx.Param, trainable), ...)
+        loss = lambda p, f: jnp.mean(nnx.merge(graphdef, p, f)(*inputs) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params, frozen)
 
-    plain, rematerialised = grads(()), grads(BLOCK_TYPES)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(rematerialised)):
-        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-5, atol=1e-6,
-                                   err_msg=str(path))
+    every_param = lambda path, _: True  # noqa: E731
+    sfa_only = lambda path, _: any(str(p).startswith("attentions_") for p in path)  # noqa: E731
+    for trainable in (every_param, sfa_only):
+        plain, rematerialised = nnx.to_flat_state(grads((), trainable)), nnx.to_flat_state(grads(BLOCK_TYPES, trainable))
+        assert len(plain) == len(rematerialised) > 0
+        for (path, a), (_, b) in zip(plain, rematerialised):
+            np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-5, atol=1e-6,
+                                       err_msg=str(path))
     with pytest.raises(ValueError, match="remat_block_types.*NoSuchBlock"):
         XPSRUNet(config, rngs=nnx.Rngs(0), remat_block_types=("NoSuchBlock",))
 

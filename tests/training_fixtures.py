@@ -25,11 +25,16 @@ from xpsr_jax.weights.files import write_state_dict
 # SFA in the UNet's mid and last up block covers every trainable module kind while keeping the
 # XLA compile of the train step short on a 2-core CPU (SFA everywhere triples the attention ops).
 SFA_EVERYWHERE = dict(down_use_lowlevel_prompt=False, mid_use_lowlevel_prompt=True,
-                      up_use_lowlevel_prompt=[False, False, False, True])
-UNET_ARCHITECTURE = dict(layers_per_block=1)
+                      up_use_lowlevel_prompt=[False, True])
+# Two UNet levels (a cross-attention and a plain block each way, as SD's deepest and shallowest)
+# hold every block type at half the train-step compile of SD's four; both 32 wide, since the
+# first up block's pixel attentions need equal residual widths (as SD's are).
+UNET_ARCHITECTURE = dict(layers_per_block=1, block_out_channels=[32, 32],
+                         down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
 CONTEXT_DIM = 24  # tiny_unet_config's cross_attention_dim
 VOCAB, TOKENS = 100, 77
-HEIGHT, WIDTH = 64, 128  # 8x16 latents: the mid block sees 1x2 tokens, so its self-attention keys get gradients
+HEIGHT, WIDTH = 64, 128  # 8x16 latents: the mid block sees 4x8 tokens, so its self-attention keys get gradients
 TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
                 latent_channels=4, sample_size=HEIGHT)

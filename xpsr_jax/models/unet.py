@@ -184,7 +184,13 @@ class UNetEncoder(nnx.Module):
         """Run `block(*args)`, rematerialised if its type is in `remat_block_types`."""
         if block.block_type not in self.remat_block_types:
             return block(*args, **static_kwargs)
-        return nnx.remat(lambda module, *inputs: module(*inputs, **static_kwargs))(block, *args)
+        # jax.checkpoint of a pure function of the block's state, not nnx.remat: in training the
+        # block is merged from differentiated and closed-over (frozen) arrays, and nnx.remat then
+        # refuses to write its Variables back ("Cannot mutate Param from a different trace level").
+        # The blocks' forward pass changes no state, so nothing needs writing back.
+        graphdef, state = nnx.split(block)
+        return jax.checkpoint(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs, **static_kwargs))(
+            state, *args)
 
     def time_embed(self, timesteps: jax.Array, batch: int) -> jax.Array:
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))

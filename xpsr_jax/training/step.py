@@ -170,7 +170,7 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     else:
         (loss, terms), grads = scaled_value_and_grad(loss_fn, loss_scale)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     apply = jnp.isfinite(loss) & all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -209,10 +209,14 @@ def _flops(compiled: Any) -> float | None:
     return float(cost["flops"])
 
 
-def make_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
-                    state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> CompiledTrainStep:
-    """jax.jit of `train_step` with explicit in/out shardings and the state donated, lowered and
-    compiled now for the shapes of (state, frozen, batch) (arrays or ShapeDtypeStructs)."""
+def lower_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
+                     state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> tuple[Any, float]:
+    """jax.jit of `train_step` with explicit in/out shardings and the state donated, lowered for
+    the shapes of (state, frozen, batch) (arrays or ShapeDtypeStructs); returns (lowered, seconds).
+
+    Lowering traces the NNX modules, which must happen on one thread at a time; compiling the
+    result (`compile_train_step`) may run in other threads (XLA compiles outside the GIL).
+    """
     _check_precision(config)
     tx = make_optimizer(config.optimizer, int(config.total_steps))
     step_fn = functools.partial(train_step, graphdefs=graphdefs, tx=tx, noise_schedule=noise_schedule,
@@ -223,8 +227,23 @@ def make_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: A
     jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_shardings(frozen, mesh, config), batch_sh),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
     start = time.perf_counter()
-    compiled = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch)).compile()
-    return CompiledTrainStep(compiled=compiled, compile_seconds=time.perf_counter() - start, flops=_flops(compiled))
+    lowered = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch))
+    return lowered, time.perf_counter() - start
+
+
+def compile_train_step(lowered: Any, lower_seconds: float = 0.0) -> CompiledTrainStep:
+    """XLA-compiles a `lower_train_step` result; compile_seconds counts the lowering too."""
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    return CompiledTrainStep(compiled=compiled, compile_seconds=lower_seconds + time.perf_counter() - start,
+                             flops=_flops(compiled))
+
+
+def make_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
+                    state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> CompiledTrainStep:
+    """The train step lowered (`lower_train_step`) and compiled now for the shapes of
+    (state, frozen, batch)."""
+    return compile_train_step(*lower_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, batch))
 
 
 def _per_device_bytes(tree: Any) -> int:
