@@ -11,7 +11,7 @@
 # and prints the table. OUTDIR: the argument, else $OUT, else /tmp/gpu_check.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]              # on the GPU machine
-#   bash benchmarks/gpu_check.sh --dry-run [OUTDIR]    # every row on CPU at tiny size (minutes: see below)
+#   bash benchmarks/gpu_check.sh --dry-run [OUTDIR]    # every row on CPU at micro size (minutes: see below)
 #
 # The dry run (JAX_PLATFORMS=cpu, no nvidia-smi) passes the same scripts CPU flags and the "micro"
 # size (the tiny widths with two UNet levels: half the compile), so every code path of the GPU run
@@ -56,12 +56,12 @@ else
 fi
 
 if [ "$DRY" = 1 ]; then
-  # The same scripts and code paths at tiny size on the CPU; compile with few optimizations.
+  # The same scripts and code paths at micro size on the CPU; compile with few optimizations.
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES="" JAX_DISABLE_MOST_OPTIMIZATIONS=true
   # One batch size each (the matrix still has two remat entries): every compile costs ~1 CPU minute.
   SIZE=(--size micro); TRAIN_PX=64; SAMPLE_PX=64; STEPS=2; TRAIN_BATCHES=(1); SAMPLE_BATCHES=(1)
   TIMING=(--steps 2 --warmup 1); REPEATS=1; THREADS=2; COMPILE_BACKEND=eager; DTYPE=bfloat16
-  DEVICE="CPU (dry run: tiny model, $(nproc) cores)"; PARITY_K="sfa_everywhere and not non"
+  DEVICE="CPU (dry run: micro model, $(nproc) cores)"; PARITY_K="sfa_everywhere and not non"
   BUDGET=1500; SCALE=4
   export OMP_NUM_THREADS=1  # PyTorch's CPU threads collapse on a loaded machine; speed is not the point here
 else
