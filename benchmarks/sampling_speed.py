@@ -25,6 +25,7 @@ from flax import nnx
 
 from records import append_record
 from timing import median_ms, time_limit, torch_compiled, torch_median_ms
+from train_speed import MICRO_UNET  # one definition of the "micro" size (the GPU check's --dry-run)
 from xpsr_step_speed import constant_model
 from xpsr_jax.inference.sampling import PromptEmbeds, SamplingPlan, sample, split_networks
 from xpsr_jax.models import AutoencoderKL, AutoencoderKLConfig, XPSRControlNet, XPSRUNet, XPSRUNetConfig
@@ -34,10 +35,6 @@ SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sc
                   "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
 TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
 TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1)
-# "micro": two UNet levels (benchmarks/train_speed.py's MICRO_UNET): the same code paths, half the compile.
-MICRO_UNET = dict(TINY_UNET, block_out_channels=(32, 32), layers_per_block=1,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), up_use_lowlevel_prompt=(False, False))
 UNET_SIZES = {"micro": MICRO_UNET, "tiny": TINY_UNET, "sd15": {}}
 CONTEXT_SD15 = 768
 
