@@ -7,8 +7,15 @@
 #   - the training step at per-device batch 1, 2, 4, with and without remat: images/s, peak memory, MFU
 #   - the 20-step sampling loop at batch 1 and 8: seconds per image
 #   - XPSR parity with the PyTorch reference on this GPU (fp32, highest matmul precision)
-# Writes OUTDIR/gpu_check.md (the table), OUTDIR/results.jsonl (its records) and OUTDIR/gpu_check.log,
-# and prints the table. OUTDIR: the argument, else $OUT, else /tmp/gpu_check.
+#   - a profile of the train step (largest batch, remat none) and of the sampling loop (batch 8):
+#     the top ops and the device time per kind of op (benchmarks/profile_summary.py)
+# A preflight first (versions, the GPU seen by JAX and PyTorch, one small compile) stops the run
+# within seconds when the environment is broken.
+# Writes OUTDIR/gpu_check.md (the table), OUTDIR/results.jsonl (its records), OUTDIR/gpu_check.log,
+# OUTDIR/parity.log, OUTDIR/profile.md + profile.json (the profile summaries) and
+# OUTDIR/profile_raw.tar.gz (the traces and optimized HLO, when under 16 MiB), and prints the table.
+# OUTDIR: the argument, else $OUT, else /tmp/gpu_check. GPU_CHECK_BUDGET=SECONDS sets the overall
+# budget (default 570 on a GPU).
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]              # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run [OUTDIR]    # every row on CPU at micro size (minutes: see below)
@@ -62,13 +69,14 @@ if [ "$DRY" = 1 ]; then
   SIZE=(--size micro); TRAIN_PX=64; SAMPLE_PX=64; STEPS=2; TRAIN_BATCHES=(1); SAMPLE_BATCHES=(1)
   TIMING=(--steps 2 --warmup 1); REPEATS=1; THREADS=2; COMPILE_BACKEND=eager; DTYPE=bfloat16
   DEVICE="CPU (dry run: micro model, $(nproc) cores)"; PARITY_K="sfa_everywhere and not non"
-  BUDGET=1500; SCALE=4
+  BUDGET=${GPU_CHECK_BUDGET:-1500}; SCALE=4
   export OMP_NUM_THREADS=1  # PyTorch's CPU threads collapse on a loaded machine; speed is not the point here
 else
   SIZE=(--size sd15); TRAIN_PX=512; SAMPLE_PX=512; STEPS=20; TRAIN_BATCHES=(1 2 4); SAMPLE_BATCHES=(1 8)
   TIMING=(--steps 5 --warmup 2); REPEATS=2; THREADS=6; COMPILE_BACKEND=inductor; DTYPE=bfloat16
   DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)
   PARITY_K="sfa_everywhere"
+  BUDGET=${GPU_CHECK_BUDGET:-$BUDGET}
 fi
 TORCH_ONLY=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)  # PyTorch rows: JAX must not reserve the GPU
 
@@ -96,7 +104,15 @@ row() {
   fi
 }
 
-VERSIONS=$(python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)" 2>&1 | tail -1)
+VERSIONS=$(python3 -c "
+import importlib.metadata as m, sys
+names = ['jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'torch', 'transformers', 'diffusers']
+def version(name):
+    try:
+        return m.version(name)
+    except Exception:
+        return 'absent'
+print('python', sys.version.split()[0], ', '.join(f'{n} {version(n)}' for n in names))" 2>&1 | tail -1)
 MISSING=$(python3 - <<'EOF' 2>&1
 import importlib
 # What the rows import at module level (the benchmark scripts, xpsr_jax.{models,training,inference},
@@ -113,22 +129,43 @@ print("missing: " + (", ".join(missing) if missing else "none"))
 EOF
 )
 echo "device: $DEVICE; $VERSIONS; $MISSING" | tee -a "$LOG"
+# Preflight: the accelerator must be what JAX and PyTorch see, and a jit must compile and run;
+# otherwise stop now rather than spend the budget compiling SD 1.5 on the host CPU.
+if [ "$DRY" = 0 ]; then
+  timeout 120 python3 - >>"$LOG" 2>&1 <<'EOF'
+import time, jax, jax.numpy as jnp
+start = time.perf_counter()
+devices = jax.devices()
+assert devices[0].platform == "gpu", f"JAX sees {devices} (no GPU backend: is the CUDA plugin installed?)"
+x = jnp.ones((1024, 1024), jnp.bfloat16)
+value = float(jax.jit(lambda a: (a @ a).astype(jnp.float32).mean())(x))
+assert value == 1024.0, value
+print(f"preflight: {devices[0].device_kind}, jit ok in {time.perf_counter() - start:.1f} s")
+EOF
+  [ $? = 0 ] || { tail -20 "$LOG"; echo "gpu_check.sh: preflight failed (JAX on the GPU; see above)" >&2; exit 3; }
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 60 python3 -c "import torch; assert torch.cuda.is_available(), \
+    'PyTorch sees no CUDA device'; print('preflight: torch', torch.cuda.get_device_name(0))" >>"$LOG" 2>&1 \
+    || { tail -20 "$LOG"; echo "gpu_check.sh: preflight failed (PyTorch on the GPU; see above)" >&2; exit 3; }
+  grep '^preflight' "$LOG"
+fi
+PROFILE_DIR=$(mktemp -d)
 
 PARITY="parity with the PyTorch reference (fp32, XPSR SFA ControlNet + UNet)"
 row "$PARITY" 60 bash -c "set -o pipefail; python3 -m pytest -q -p no:cacheprovider -s tests/test_xpsr_models.py \
   -k '$PARITY_K' > '$OUTDIR/parity.log' 2>&1; status=\$?; cat '$OUTDIR/parity.log'; [ \$status = 0 ] && \
   python3 benchmarks/records.py parity '$OUTDIR/parity.log' '$RESULTS' '$PARITY'"
-row "train, xpsr-jax, batch ${TRAIN_BATCHES[*]} x remat none / attention" 240 \
+row "train, xpsr-jax, batch ${TRAIN_BATCHES[*]} x remat none / attention" 300 \
   python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
   --batch "${TRAIN_BATCHES[@]}" --remat none attention "${TIMING[@]}" --compile-threads "$THREADS" \
-  --skip-torch --json "$RESULTS"
+  --skip-torch --json "$RESULTS" --profile "$PROFILE_DIR" --profile-steps 3
 row "train, PyTorch eager, batch ${TRAIN_BATCHES[*]}" 75 "${TORCH_ONLY[@]}" \
   python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
   --batch "${TRAIN_BATCHES[@]}" "${TIMING[@]}" --skip-jax --json "$RESULTS"
-row "sampling, xpsr-jax, batch ${SAMPLE_BATCHES[*]}" 120 \
+row "sampling, xpsr-jax, batch ${SAMPLE_BATCHES[*]}" 150 \
   python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
-  --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --compile-threads 2 --skip-torch --json "$RESULTS"
-row "sampling, PyTorch eager, batch ${SAMPLE_BATCHES[*]}" 60 "${TORCH_ONLY[@]}" \
+  --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --compile-threads 2 --skip-torch --json "$RESULTS" \
+  --profile "$PROFILE_DIR"
+row "sampling, PyTorch eager, batch ${SAMPLE_BATCHES[*]}" 90 "${TORCH_ONLY[@]}" \
   python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
   --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --skip-jax --json "$RESULTS"
 # torch.compile last, in what is left: a compile that does not finish is reported in its cell.
@@ -143,12 +180,27 @@ row "sampling, PyTorch torch.compile, batch 1" $(((half + 5) / SCALE + 1)) "${TO
   --batch 1 --repeats "$REPEATS" --skip-jax --skip-torch --torch-compile "$COMPILE_BACKEND" \
   --compile-timeout "$half" --json "$RESULTS"
 
+# The profiles: summaries side by side, raw traces + optimized HLO in one archive if it fits what
+# the device tool brings back (16 MiB a file).
+cat "$PROFILE_DIR"/*_profile.md > "$OUTDIR/profile.md" 2>/dev/null
+python3 -c "import glob, json, sys; json.dump({p.split('/')[-1][:-len('_profile.json')]: json.load(open(p)) \
+  for p in sorted(glob.glob(sys.argv[1] + '/*_profile.json'))}, open(sys.argv[2], 'w'), indent=1)" \
+  "$PROFILE_DIR" "$OUTDIR/profile.json" >>"$LOG" 2>&1
+tar -C "$PROFILE_DIR" -czf "$OUTDIR/profile_raw.tar.gz" . >>"$LOG" 2>&1
+if [ "$(stat -c %s "$OUTDIR/profile_raw.tar.gz" 2>/dev/null || echo 0)" -gt $((16 * 1024 * 1024)) ]; then
+  tar -C "$PROFILE_DIR" -czf "$OUTDIR/profile_raw.tar.gz" --exclude='*_trace' . >>"$LOG" 2>&1
+  echo "profile_raw.tar.gz: traces left out (over 16 MiB), HLO kept" | tee -a "$LOG"
+fi
+rm -rf "$PROFILE_DIR"
+
 {
   echo "# gpu_check.sh$( [ "$DRY" = 1 ] && echo ' --dry-run')"
   echo
   echo "device: $DEVICE; $VERSIONS; $MISSING; total $(($(date +%s) - START)) s"
   echo
   python3 benchmarks/records.py table "$RESULTS" 2>&1
+  echo
+  grep -h -B 4 -A 10 '^| kind ' "$OUTDIR/profile.md" 2>/dev/null | grep -v -e '^$' -e '^--$'
   echo
   echo "ratios: our time / PyTorch time per image (< 1: xpsr-jax is faster); the PyTorch training"
   echo "step runs without gradient checkpointing, so remat rows compare against the same PyTorch step."

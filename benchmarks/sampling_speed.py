@@ -76,7 +76,11 @@ def build_jax_sampler(size, *, batch, pixels, steps, dtype, backend, unet=None, 
     compiled = fn.lower(states, conditioning, embeds, keys).compile()
     compile_s = time.perf_counter() - start
     compiled(states, conditioning, embeds, keys).block_until_ready()
-    return compile_s, lambda: compiled(states, conditioning, embeds, keys).block_until_ready()
+
+    def run():
+        compiled(states, conditioning, embeds, keys).block_until_ready()
+    run.compiled = compiled  # for --profile
+    return compile_s, run
 
 
 def build_torch_sampler(size, *, batch, pixels, steps, dtype_name, unet=None, vae=None, compile_backend=None):
@@ -160,6 +164,9 @@ def main(argv=None):
                         help="seconds the torch.compile build + first call may take before it is reported as failed")
     parser.add_argument("--compile-threads", type=int, default=1, help="compile the batch sizes in parallel")
     parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/records.py)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, trace one call of the largest batch's loop with jax.profiler and write "
+                             "DIR/sampling_profile.{md,json}, the trace and the optimized HLO")
     args = parser.parse_args(argv)
     pixels = args.pixels or (512 if args.size == "sd15" else 64)
     # A PyTorch-only run leaves JAX unstarted: on a GPU it would reserve most of the memory.
@@ -171,6 +178,7 @@ def main(argv=None):
             samplers = dict(zip(args.batch, pool.map(lambda batch: build_jax_sampler(
                 args.size, batch=batch, pixels=pixels, steps=args.steps, dtype=jnp.dtype(args.dtype),
                 backend=args.attention_backend), args.batch)))
+    loop_ms = {}
     for batch in args.batch:
         ours = theirs = compiled = None
         line = f"  batch {batch}:"
@@ -199,6 +207,15 @@ def main(argv=None):
         if compiled is not None:
             append_record(args.json, row=row, impl="pytorch-compile", unit="s/image",
                           **(dict(value=compiled) if isinstance(compiled, float) else dict(value=None, details=compiled)))
+        if ours is not None:
+            loop_ms[batch] = ours * batch * 1000
+    if args.profile and samplers:
+        from profile_summary import markdown, profile_compiled
+
+        batch = max(args.batch)
+        run = samplers[batch][1]
+        print(markdown(profile_compiled(run, run.compiled, args.profile, "sampling", steps=1,
+                                        step_ms=loop_ms.get(batch))), flush=True)
 
 
 def torch_compile_seconds(args, batch, pixels):

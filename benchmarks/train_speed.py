@@ -157,7 +157,7 @@ def jax_steps(args, compute: str, batches, remats, *, threads: int = 1):
             jax.block_until_ready(metrics["loss"])
         return one
 
-    info = {key: dict(compile_s=steps[key].compile_seconds, flops=steps[key].flops,
+    info = {key: dict(compile_s=steps[key].compile_seconds, flops=steps[key].flops, compiled=steps[key].compiled,
                       xla_bytes=xla_memory_bytes(steps[key].compiled), global_batch=key[0] * mesh.size,
                       devices=mesh.size) for key in keys}
     return run, info
@@ -186,7 +186,7 @@ def bench_jax(args, compute: str):
     ascending order of XLA's memory figure, so the device's running peak after each is its peak."""
     run, info = jax_steps(args, compute, args.batch, args.remat, threads=args.compile_threads)
     order = sorted(info, key=lambda key: info[key]["xla_bytes"] or 0)
-    results = {}
+    results, step_ms = {}, {}
     for key in order:
         b, remat = key
         one = run(b, remat)
@@ -207,6 +207,14 @@ def bench_jax(args, compute: str):
                       details=f"peak {_gib(memory)}, XLA {_gib(item['xla_bytes'])}, MFU {mfu}, "
                               f"compile {item['compile_s']:.0f} s")
         results[key] = images
+        step_ms[key] = ms
+    if args.profile:  # the largest batch under the first remat policy given: no extra compile
+        from profile_summary import markdown, profile_compiled
+
+        key = (max(args.batch), args.remat[0])
+        summary = profile_compiled(run(*key), info[key]["compiled"], args.profile, "train",
+                                   steps=args.profile_steps, step_ms=step_ms[key])
+        print(markdown(summary), flush=True)
     return results
 
 
@@ -361,6 +369,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile-threads", type=int, default=1,
                         help="compile the xpsr-jax steps for the (batch, remat) matrix in this many threads")
     parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/records.py)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, trace --profile-steps steps of the largest batch (first --remat) with "
+                             "jax.profiler and write DIR/train_profile.{md,json}, the trace and the optimized HLO")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true", help="tiny on CPU, 3 steps")
     args = parser.parse_args(argv)
     if args.dry_run:

@@ -93,3 +93,25 @@ def test_dry_run_fills_every_row(dry_run):
             assert NUMBER.match(compile_cell) and float(compile_ratio) > 0, f"{name}: torch.compile {compile_cell!r}"
     parity = rows[next(iter(EXPECTED))][0]
     assert float(parity.split()[0]) < 1e-3, parity
+
+
+def test_dry_run_profiles_train_and_sampling(dry_run):
+    """The profile row: per-kind summaries of real traces of both programs, and the raw archive."""
+    import json
+    import tarfile
+
+    _, out = dry_run
+    summaries = json.loads((out / "profile.json").read_text())
+    assert set(summaries) == {"train", "sampling"}, summaries.keys()
+    for name, summary in summaries.items():
+        kinds = summary["kinds"]
+        assert summary["module_match"] == "matched", (name, summary["modules"])
+        for kind in ("convolution", "attention", "normalization", "matmul"):
+            assert kinds[kind]["ms_per_step"] > 0, (name, kind, kinds)
+        assert summary["step_ms"] > 0 and kinds["convolution"]["percent_of_step"] > 0
+    text = (out / "profile.md").read_text()
+    assert "### Profile: train" in text and "### Profile: sampling" in text
+    assert "| kind | ms / step |" in (out / "gpu_check.md").read_text(), "the kind tables are not in the report"
+    with tarfile.open(out / "profile_raw.tar.gz") as archive:
+        names = archive.getnames()
+    assert any(n.endswith("train.hlo.txt") for n in names) and any(n.endswith(".xplane.pb") for n in names), names
