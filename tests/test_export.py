@@ -447,3 +447,66 @@ def test_a_failure_mid_write_leaves_no_partial_output(setup, train_checkpoint, t
     code, err = run_cli(capsys, "orbax", "--weights", setup.xpsr, "--out", out)
     assert code == 2 and f"{out}: writing the checkpoint failed" in err, err
     assert_no_output(out)
+
+
+def _listing(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+def test_overwrite_never_destroys_an_input(setup, train_checkpoint, torch_export, tmp_path, capsys):
+    """--out that is, contains or lies inside an input is refused, --overwrite or not, and --overwrite
+    replaces only an earlier export: the training workdir (real checkpoints) stays byte for byte."""
+    workdir = train_checkpoint.workdir
+    step = workdir / "checkpoints" / str(STEP)
+    before, beside = _listing(workdir), _listing(workdir.parent)
+    cases = [
+        (("torch", "--workdir", workdir, "--out", workdir), f"--out {workdir} contains the export's input {step}"),
+        (("torch", "--workdir", workdir, "--out", workdir.parent), f"--out {workdir.parent} contains"),
+        (("torch", "--checkpoint", step, "--out", step), f"--out {step} is the export's input {step}"),
+        (("torch", "--checkpoint", step, "--out", step / "state"), f"--out {step / 'state'} lies inside"),
+        (("orbax", "--weights", setup.xpsr, "--out", setup.xpsr), f"--out {setup.xpsr} is the export's input"),
+        (("orbax", "--weights", torch_export, "--sd15", setup.sd15, "--out", setup.sd15 / "vae"),
+         f"--out {setup.sd15 / 'vae'} lies inside the export's input {setup.sd15}"),
+    ]
+    for argv, message in cases:
+        code, err = run_cli(capsys, *argv, "--overwrite")
+        assert code == 2 and message in err and "choose an --out outside it" in err, (argv, err)
+    assert _listing(workdir) == before and _listing(workdir.parent) == beside
+
+    # An existing folder that no export wrote is not replaced; an earlier export is.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "torch", "--workdir", workdir, "--out", notes, "--overwrite")
+    assert code == 2 and f"{notes}: exists and is not an xpsr-jax export" in err, err
+    assert (notes / "keep.txt").read_text() == "mine"
+    earlier = tmp_path / "earlier"
+    shutil.copytree(torch_export, earlier)
+    (earlier / "stale.txt").write_text("from the earlier export")
+    code, err = run_cli(capsys, "torch", "--workdir", workdir, "--out", earlier, "--overwrite")
+    assert code == 0, err
+    assert not (earlier / "stale.txt").exists() and detect_weights_format(earlier) == RELEASE
+    assert _listing(workdir) == before
+
+
+def test_a_killed_export_leaves_nothing_the_next_run_keeps(setup, train_checkpoint, tmp_path, capsys):
+    """Staging folders of a dead export on this host are removed by the next export to the same
+    --out; a live process's and another host's are left alone."""
+    from xpsr_jax.export import output
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "release"
+    stale = tmp_path / f".release.partial-{output._host()}-{dead_pid}-abc123"
+    live = tmp_path / f".release.partial-{output._host()}-{os.getpid()}-def456"
+    other_host = tmp_path / f".release.partial-elsewhere-{dead_pid}-ghi789"
+    unrelated = tmp_path / f".other.partial-{output._host()}-{dead_pid}-x"
+    for folder in (stale, live, other_host, unrelated):
+        folder.mkdir()
+        (folder / "unet.safetensors").write_bytes(b"\0" * 1024)
+    code, err = run_cli(capsys, "torch", "--workdir", train_checkpoint.workdir, "--out", out)
+    assert code == 0, err
+    assert not stale.exists() and live.exists() and other_host.exists() and unrelated.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".release.")) == sorted(
+        [live.name, other_host.name])

@@ -272,8 +272,10 @@ def test_export_errors_leave_no_partial_output(tiny, live_pipe, tmp_path, capsys
     out = tmp_path / "art"
     code = export_cli.main(export_argv(tiny, out, "--size", "60x64"))
     assert code == 2 and "--size '60x64': both sides must be positive multiples of 8" in capsys.readouterr().err
-    code = export_cli.main(["stablehlo", "--weights", str(tmp_path), "--sd15", str(tiny.sd15), "--out", str(out)])
-    assert code == 2 and f"{tmp_path}: not an XPSR release" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    code = export_cli.main(["stablehlo", "--weights", str(junk), "--sd15", str(tiny.sd15), "--out", str(out)])
+    assert code == 2 and f"{junk}: not an XPSR release" in capsys.readouterr().err
     empty = tmp_path / "empty_base"
     empty.mkdir()
     code = export_cli.main(["stablehlo", "--weights", str(tiny.xpsr), "--sd15", str(empty), "--out", str(out)])

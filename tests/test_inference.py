@@ -407,3 +407,23 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_cli_refuses_inputs_whose_outputs_would_collide(tmp_path, capsys):
+    """`a.jpg` and `a.png` would both be written as `a.png`: refused up front, nothing loaded or written."""
+    from xpsr_jax.inference.cli import main
+
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    Image.fromarray(lr_image(1)).save(folder / "a.png")
+    Image.fromarray(lr_image(2)).save(folder / "a.jpg")
+    Image.fromarray(lr_image(3)).save(folder / "b.png")
+    Image.fromarray(lr_image(4)).save(folder / "c.webp")
+    Image.fromarray(lr_image(5)).save(folder / "c.bmp")
+    out = tmp_path / "out"
+    code = main(["--weights", str(tmp_path / "not-loaded"), "--input", str(folder), "--output", str(out),
+                 "--highlevel-prompt", "a", "--lowlevel-prompt", "b"])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 output name(s) would be written by more than one input" in err, err
+    assert "a.jpg and a.png -> a.png" in err and "c.bmp and c.webp -> c.png" in err and "b.png" not in err
+    assert not out.exists()

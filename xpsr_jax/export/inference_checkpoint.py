@@ -106,16 +106,6 @@ def save_inference_checkpoint(folder: str | os.PathLike, unet, controlnet, *, co
     return manifest
 
 
-def check_output_target(out: str | os.PathLike, required_bytes: int, overwrite: bool) -> None:
-    """The checks of `atomic_output_dir` that need no data, run before anything is loaded."""
-    from xpsr_jax.export.output import ExportError, check_free_disk
-
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out}: already exists; choose a new --out or pass --overwrite")
-    check_free_disk(out, required_bytes)
-
-
 def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLike, *,
                                 sd15: str | os.PathLike | None = None, dtype: str = "float32",
                                 overwrite: bool = False) -> Path:
@@ -123,7 +113,7 @@ def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLi
     import jax.numpy as jnp
 
     from xpsr_jax.export.formats import RELEASE, detect_weights_format, read_manifest
-    from xpsr_jax.export.output import ExportError, atomic_output_dir
+    from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
     from xpsr_jax.models import load_xpsr
 
     if dtype not in DTYPES:
@@ -149,7 +139,8 @@ def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLi
     if base is not None:
         required += sum(_folder_bytes(base / part) for part in BASE_PARTS)
 
-    check_output_target(out, required, overwrite)  # before the (slow) loading
+    inputs = (weights, base)
+    check_output_target(out, inputs=inputs, overwrite=overwrite, required_bytes=required)  # before the slow load
     try:
         unet, controlnet = load_xpsr(weights, param_dtype=jnp.dtype(dtype))
     except (OSError, ValueError) as error:
@@ -161,7 +152,7 @@ def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLi
                 "source_manifest": source_manifest or None,
                 "created_by": "python -m xpsr_jax.export orbax"}
     configs = {name: (weights / name / "config.json").read_bytes() for name in NETWORKS}
-    with atomic_output_dir(out, required_bytes=required, overwrite=overwrite) as staging:
+    with atomic_output_dir(out, required_bytes=required, overwrite=overwrite, inputs=inputs) as staging:
         try:
             if base is not None:  # before the manifest, so its checksums cover the copies
                 for part in BASE_PARTS:

@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 
 from xpsr_jax.export.formats import MANIFEST, STABLEHLO
-from xpsr_jax.export.output import ExportError, atomic_output_dir
+from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
 
 METADATA = "metadata.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -313,9 +313,12 @@ def export_stablehlo(weights: str | os.PathLike, out: str | os.PathLike, *, sd15
         validate_infer_config(config)
     except ValueError as error:
         raise ExportError(str(error)) from error
-    _check_options(Path(out), weights_mode, sizes, overwrite)  # before the (slow) load
     try:
         base = resolve_sd15(Path(weights), sd15)
+    except (WeightsFolderError, FileNotFoundError) as error:
+        raise ExportError(str(error)) from error
+    _check_options(Path(out), weights_mode, sizes, overwrite, inputs=(weights, base))  # before the slow load
+    try:
         pipe = XPSRPipeline.from_pretrained(weights, sd15=base, config=config)
     except (WeightsFolderError, FileNotFoundError) as error:
         raise ExportError(str(error)) from error
@@ -324,11 +327,10 @@ def export_stablehlo(weights: str | os.PathLike, out: str | os.PathLike, *, sd15
                            source={"weights": str(Path(weights).absolute()), "sd15": str(base.absolute())})
 
 
-def _check_options(out: Path, weights_mode: str, sizes, overwrite: bool) -> None:
+def _check_options(out: Path, weights_mode: str, sizes, overwrite: bool, inputs=()) -> None:
     if weights_mode not in WEIGHTS_MODES:
         raise ExportError(f"weights_mode={weights_mode!r}; valid: {' | '.join(WEIGHTS_MODES)}")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out.absolute()}: already exists; choose a new --out or pass --overwrite")
+    check_output_target(out, inputs=inputs, overwrite=overwrite)
     for size in sizes or []:
         if len(size) != 2 or min(size) < 8 or size[0] % 8 or size[1] % 8:
             raise ExportError(f"size {size}: both sides must be positive multiples of 8")
@@ -346,7 +348,8 @@ def export_pipeline(pipe, out: str | os.PathLike, *, tokenizer_dir: str | os.Pat
     import jax
 
     out = Path(out)
-    _check_options(out, weights_mode, sizes, overwrite)
+    inputs = [path for path in (source or {}).values() if path]
+    _check_options(out, weights_mode, sizes, overwrite, inputs)
     sizes = [tuple(s) for s in (sizes or [(pipe.config.process_size, pipe.config.process_size)])]
     exporter = _Exporter(pipe, weights_mode, list(platforms or []))
     plan = _function_plan(sizes, batch_sizes)
@@ -363,7 +366,7 @@ def export_pipeline(pipe, out: str | os.PathLike, *, tokenizer_dir: str | os.Pat
         required = sum(per_file.values())
     else:
         required = total_weights
-    with atomic_output_dir(out, required_bytes=required, overwrite=overwrite) as staging:
+    with atomic_output_dir(out, required_bytes=required, overwrite=overwrite, inputs=inputs) as staging:
         functions = []
         for name, size, batch in plan:
             symbolic = jax.export.symbolic_shape(BATCH_DIM)[0] if batch is None else batch

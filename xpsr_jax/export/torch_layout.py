@@ -294,8 +294,8 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     import jax.numpy as jnp
 
     from xpsr_jax.export.formats import MANIFEST, RELEASE
-    from xpsr_jax.export.inference_checkpoint import check_output_target, folder_checksums
-    from xpsr_jax.export.output import ExportError, atomic_output_dir
+    from xpsr_jax.export.inference_checkpoint import folder_checksums
+    from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
     from xpsr_jax.training.step import DTYPES as TRAIN_DTYPES
 
     if dtype not in DTYPES:
@@ -307,7 +307,9 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
         # The loop keeps EMA weights exactly when optimizer.ema_decay > 0.
         raise ExportError(f"{checkpoint}: has no EMA weights (trained with optimizer.ema_decay=0); drop --ema")
     base = verify_frozen_base(meta, checkpoint, base_model=base_model, init_from=init_from)
-    check_output_target(out, _estimated_bytes(checkpoint, base, dtype), overwrite)  # before the (slow) loading
+    inputs = (checkpoint, base.path)  # out may not be, contain or lie inside them (e.g. the workdir)
+    check_output_target(out, inputs=inputs, overwrite=overwrite,
+                        required_bytes=_estimated_bytes(checkpoint, base, dtype))  # before the slow load
     try:
         networks = load_base_networks(base, train_config)
     except (OSError, ValueError) as error:
@@ -319,7 +321,7 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
                 "frozen_base": {**meta["frozen_base"], "verified": base.kind, "verified_path": str(base.path)},
                 "created_by": "python -m xpsr_jax.export torch"}
     with atomic_output_dir(out, required_bytes=_parameter_bytes((unet, controlnet), dtype),
-                           overwrite=overwrite) as staging:
+                           overwrite=overwrite, inputs=inputs) as staging:
         try:
             write_release(staging, {"unet": unet, "controlnet": controlnet}, networks.configs, dtype)
             manifest["checksums"] = folder_checksums(staging)

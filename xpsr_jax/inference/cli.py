@@ -86,9 +86,25 @@ def list_inputs(path: Path) -> tuple[list[Path], Path | None]:
     root = path if is_official_layout(path) else None
     folder = path / OFFICIAL_LR_FOLDER if root is not None else path
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    check_distinct_stems(files)
     if not files:
         raise FileNotFoundError(f"--input {folder}: the folder holds no files")
     return files, root
+
+
+def check_distinct_stems(files: Sequence[Path]) -> None:
+    """Outputs are named STEM.png (and prompts keyed by stem), so `a.jpg` and `a.png` would write
+    one result over the other: refuse up front, naming every clash (ValueError)."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem, []).append(path)
+    clashes = [paths for paths in by_stem.values() if len(paths) > 1]
+    if clashes:
+        shown = "; ".join(f"{' and '.join(p.name for p in paths)} -> {paths[0].stem}.png" for paths in clashes[:10])
+        more = f" (and {len(clashes) - 10} more)" if len(clashes) > 10 else ""
+        raise ValueError(f"--input {files[0].parent}: {len(clashes)} output name(s) would be written by more than "
+                         f"one input (outputs are named after the file stem): {shown}{more}; rename or move one "
+                         "file of each pair")
 
 
 def process_share(files: Sequence[Path], process_index: int, process_count: int) -> list[Path]:
