@@ -14,8 +14,6 @@ the results as records for benchmarks/records.py (the table of benchmarks/gpu_ch
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 

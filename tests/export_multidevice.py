@@ -24,7 +24,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from xpsr_jax.export.inference_checkpoint import load_inference_checkpoint, save_inference_checkpoint  # noqa: E402
+from xpsr_jax.export.inference_checkpoint import save_inference_checkpoint  # noqa: E402
+from xpsr_jax.models.loading import load_inference_checkpoint  # noqa: E402
 from xpsr_jax.training.sharding import fsdp_partition_spec, tree_shardings  # noqa: E402
 from xpsr_jax.weights.convert import module_state_dict  # noqa: E402
 from xpsr_jax.weights.files import read_state_dict  # noqa: E402

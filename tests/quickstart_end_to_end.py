@@ -57,7 +57,7 @@ def chain(tmp_path_factory):
 def test_each_stage_leaves_sane_outputs(chain):
     from safetensors.numpy import load_file
 
-    from xpsr_jax.export.formats import RELEASE, detect_weights_format
+    from xpsr_jax.weights.formats import RELEASE, detect_weights_format
     from xpsr_jax.training.metrics import read_metrics_jsonl
 
     workdir, _, stdout = chain

@@ -33,10 +33,14 @@ from torch_reference import XPSRControlNetTorch, XPSRUNetTorch  # noqa: E402
 from train_cli_fixtures import REPO, build_tiny_setup  # noqa: E402
 from train_cli_fixtures import tiny_config as fixture_config  # noqa: E402
 from xpsr_jax.export import inference_checkpoint as orbax_export  # noqa: E402
+from xpsr_jax.export import torch_layout  # noqa: E402
 from xpsr_jax.export.cli import main  # noqa: E402
-from xpsr_jax.export.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format  # noqa: E402
+from xpsr_jax.models.loading import load_inference_checkpoint  # noqa: E402
+from xpsr_jax.weights.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format  # noqa: E402
 from xpsr_jax.training import config as train_config  # noqa: E402
 from xpsr_jax.training.checkpoint import TrainCheckpoints  # noqa: E402
+from xpsr_jax.weights import fingerprints  # noqa: E402
+from xpsr_jax.weights import formats as weight_formats  # noqa: E402
 from xpsr_jax.weights import files as weight_files  # noqa: E402
 from xpsr_jax.weights.convert import module_state_dict  # noqa: E402
 from xpsr_jax.weights.files import read_state_dict, write_state_dict  # noqa: E402
@@ -188,7 +192,7 @@ def test_training_checkpoint_to_torch_layout_matches_the_reference(train_checkpo
     assert manifest["config"] == train_checkpoint.config
     assert manifest["frozen_base"]["init_from"] == str(setup.xpsr)
     for relative, digest in manifest["checksums"].items():
-        assert orbax_export.sha256_file(out / relative) == digest, relative
+        assert weight_formats.sha256_file(out / relative) == digest, relative
     assert sorted(manifest["checksums"]) == sorted(f"{n}/{f}" for n in NETWORKS for f in ("config.json", WEIGHTS))
     for name in NETWORKS:  # the release the run started from: config.json byte for byte
         assert (out / name / "config.json").read_bytes() == (setup.xpsr / name / "config.json").read_bytes()
@@ -228,7 +232,8 @@ def test_training_checkpoint_to_torch_layout_matches_the_reference(train_checkpo
 def test_checkpoint_of_a_run_from_sd15_merges_with_the_sd_unet(setup, tmp_path, capsys):
     """init_from "": the frozen UNet part is base_model's SD UNet; the configs are the ones the
     official rule derives (from_sd_unet; from_unet with its default pyramid widths)."""
-    from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, UNet2DCondition, XPSRControlNet, XPSRUNet
+    from xpsr_jax.models import (AutoencoderKL, CLIPTextEncoder, UNet2DCondition, XPSRControlNet, XPSRUNet,
+                                 XPSRUNetConfig)
     from xpsr_jax.models import tiny
     from xpsr_jax.models.xpsr_init import apply_official_init
     from xpsr_jax.training.models import XPSRModels
@@ -237,7 +242,7 @@ def test_checkpoint_of_a_run_from_sd15_merges_with_the_sd_unet(setup, tmp_path, 
     from xpsr_jax.weights.pretrained import eval_shape_model
 
     sd_unet = UNet2DCondition.from_pretrained(setup.sd15, subfolder="unet")
-    unet_config = tiny.xpsr_unet_config(sd_unet.config)  # XPSRUNet.from_sd_unet's config
+    unet_config = XPSRUNetConfig.from_sd(sd_unet.config)  # XPSRUNet.from_sd_unet's config
     unet = tiny.randomized(tiny.abstract_model(XPSRUNet, unet_config), seed=5, network="unet")
     unet, _ = apply_official_init(unet, module_state_dict(sd_unet), source_name="SD UNet")
     abstract = eval_shape_model(lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0),
@@ -282,7 +287,7 @@ def test_torch_layout_to_orbax_is_bit_exact(torch_export, tmp_path, capsys):
     assert manifest["source_manifest"]["config"]["init_from"]  # the training provenance travels along
     for name in NETWORKS:
         assert (out / name / "config.json").read_bytes() == (torch_export / name / "config.json").read_bytes()
-    assert_same_tensors(state_dicts(orbax_export.load_inference_checkpoint(out)), release_tensors(torch_export))
+    assert_same_tensors(state_dicts(load_inference_checkpoint(out)), release_tensors(torch_export))
 
 
 def test_ema_and_half_precision_exports(train_checkpoint, torch_export, tmp_path, capsys):
@@ -317,7 +322,7 @@ def test_inference_checkpoint_reshards_between_one_and_four_devices(setup, orbax
     assert counts["sharded"] > 0 and counts["replicated"] > 0
     # Written from arrays sharded over 4 devices; restored here on one (and replicated by request).
     device = jax.devices()[0]
-    networks = orbax_export.load_inference_checkpoint(out, sharding=jax.sharding.SingleDeviceSharding(device))
+    networks = load_inference_checkpoint(out, sharding=jax.sharding.SingleDeviceSharding(device))
     for leaf in jax.tree.leaves(nnx.state(networks[0], nnx.Param)):
         assert leaf.sharding == jax.sharding.SingleDeviceSharding(device)
     assert_same_tensors(state_dicts(networks), release_tensors(setup.xpsr))
@@ -333,9 +338,9 @@ def test_infer_and_training_accept_the_orbax_checkpoint(setup, orbax_checkpoint)
     assert_same_tensors(state_dicts(load_sampling_networks(orbax_checkpoint)), release)
     assert resolve_sd15(orbax_checkpoint, None) == orbax_checkpoint  # self-contained with --sd15
     manifest = json.loads((orbax_checkpoint / MANIFEST).read_text())
-    assert manifest["checksums"]["vae/" + WEIGHTS] == orbax_export.sha256_file(setup.sd15 / "vae" / WEIGHTS)
+    assert manifest["checksums"]["vae/" + WEIGHTS] == weight_formats.sha256_file(setup.sd15 / "vae" / WEIGHTS)
     for relative, digest in manifest["checksums"].items():
-        assert orbax_export.sha256_file(orbax_checkpoint / relative) == digest, relative
+        assert weight_formats.sha256_file(orbax_checkpoint / relative) == digest, relative
     unet, _ = load_sampling_networks(orbax_checkpoint, param_dtype=jnp.bfloat16)
     bf16 = module_state_dict(unet)
     assert all(v.dtype == ml_dtypes.bfloat16 for v in bf16.values())
@@ -346,8 +351,8 @@ def test_infer_and_training_accept_the_orbax_checkpoint(setup, orbax_checkpoint)
     config = tiny_config(setup, init_from=str(orbax_checkpoint))
     train_config.validate_train_config(config)
     reference = train_config.frozen_base_reference(config)
-    assert reference["init_from_sha256"] == train_config.tree_fingerprint(orbax_checkpoint)
-    assert reference["init_from_sha256"] != train_config.init_from_fingerprint(setup.xpsr)
+    assert reference["init_from_sha256"] == fingerprints.tree_fingerprint(orbax_checkpoint)
+    assert reference["init_from_sha256"] != fingerprints.init_from_fingerprint(setup.xpsr)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -432,7 +437,7 @@ def test_a_failure_mid_write_leaves_no_partial_output(setup, train_checkpoint, t
         written.append(path)
         original(path, state)
 
-    monkeypatch.setattr(weight_files, "write_state_dict", fail_second)
+    monkeypatch.setattr(torch_layout, "write_state_dict", fail_second)
     out = tmp_path / "torch"
     code, err = run_cli(capsys, "torch", "--workdir", train_checkpoint.workdir, "--out", out)
     assert code == 2 and f"{out}: writing the release failed" in err and "No space left" in err, err

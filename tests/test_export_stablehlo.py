@@ -26,7 +26,7 @@ from PIL import Image
 from configs.infer import get_config
 from xpsr_jax.export import cli as export_cli
 from xpsr_jax.export import load_artifact, stablehlo
-from xpsr_jax.export.artifact import ArtifactError, ArtifactInputError
+from xpsr_jax.weights.artifact import ArtifactError, ArtifactInputError
 from xpsr_jax.export.output import ExportError
 from xpsr_jax.inference import XPSRPipeline, preprocess_lr
 from xpsr_jax.inference import sampling as sampling_module
@@ -136,7 +136,7 @@ def fresh_run(artifacts, live_pipe, tmp_path_factory):
         out = live_pipe.sample(conditioning, embeds, seeds=SEEDS)
         live = {f"sample_b{n}/{key}": value[:n] for n in (1, 2) for key, value in out._asdict().items()}
         live.update({f"embeds/{key}": np.asarray(value) for key, value in embeds._asdict().items()})
-        step = jax.jit(lambda states, *args: sampling_module._guided_noise(live_pipe.networks, live_pipe.plan,
+        step = jax.jit(lambda states, *args: sampling_module.guided_noise(live_pipe.networks, live_pipe.plan,
                                                                            states, *args))
         live["noise_pred"] = np.asarray(step(live_pipe.states, latents, TIMESTEP,
                                              conditioning.astype(np.float32) / 255.0, embeds))

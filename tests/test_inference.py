@@ -44,7 +44,7 @@ class GuidedNoiseCounter:
 
     def __init__(self):
         self.calls = 0
-        self.original = sampling_module._guided_noise
+        self.original = sampling_module.guided_noise
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -57,7 +57,7 @@ def ddpm_pipe(tiny):
     config.num_inference_steps = STEPS
     counter = GuidedNoiseCounter()
     patch = pytest.MonkeyPatch()
-    patch.setattr(sampling_module, "_guided_noise", counter)
+    patch.setattr(sampling_module, "guided_noise", counter)
     pipe = XPSRPipeline.from_pretrained(tiny.xpsr, sd15=tiny.sd15, config=config)
     yield pipe, counter
     patch.undo()

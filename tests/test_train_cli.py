@@ -169,13 +169,14 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_usable(tmp_path):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fails the test if train() gets as far as loading models or compiling."""
-    from xpsr_jax.training import models, step
+    from xpsr_jax.training import loop
 
     def forbidden(*args, **kwargs):
         raise AssertionError("bad input must be reported before models are loaded or compiled")
 
-    monkeypatch.setattr(models, "load_training_models", forbidden)
-    monkeypatch.setattr(step, "make_train_step", forbidden)
+    # The loop's own references: what train() calls.
+    monkeypatch.setattr(loop, "load_training_models", forbidden)
+    monkeypatch.setattr(loop, "make_train_step", forbidden)
 
 
 def _one_line_error(capsys, argv) -> str:
@@ -241,7 +242,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(setu
     import jax
     import jax.numpy as jnp
 
-    from xpsr_jax.training import loop, models, step as step_lib
+    from xpsr_jax.training import loop, step as step_lib
 
     def fake_state(*args, **kwargs):
         state = step_lib.TrainState(step=jnp.zeros((), jnp.int32),
@@ -261,9 +262,9 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(setu
             params = jax.tree.map(lambda w: w + 1, state.params)
             return state.replace(step=state.step + 1, params=params), metrics
 
-    monkeypatch.setattr(models, "load_training_models", lambda *a, **k: None)
-    monkeypatch.setattr(step_lib, "create_train_state", fake_state)
-    monkeypatch.setattr(step_lib, "make_train_step", lambda *a, **k: FakeStep())
+    monkeypatch.setattr(loop, "load_training_models", lambda *a, **k: None)
+    monkeypatch.setattr(loop, "create_train_state", fake_state)
+    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: FakeStep())
     config = tiny_config(setup, total_steps=8, checkpoint_every=2)
     with pytest.raises(loop.TrainingDiverged) as raised:
         loop.train(config, tmp_path / "run")

@@ -33,10 +33,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_EXAMPLES = REPO / "examples"
-TRAIN_CONFIG = REPO / "configs" / "train.py"
-INFER_CONFIG = REPO / "configs" / "infer.py"
+import jax
+
+from xpsr_jax.cli_config import ConfigFlagError, load_config_file
+from xpsr_jax.data import images, prepare, tfds_builder
+from xpsr_jax.evaluation.cli import main as evaluate_main
+from xpsr_jax.export.cli import main as export_main
+from xpsr_jax.inference.cli import main as infer_main
+from xpsr_jax.models.tiny import write_tiny_model
+from xpsr_jax.training.config import ConfigError
+from xpsr_jax.training.loop import TrainingDiverged, train
+from xpsr_jax.training.metrics import METRICS_FILE, read_metrics_jsonl
+
+DEFAULT_EXAMPLES = Path(__file__).resolve().parent / "examples"  # shipped with the package
+TRAIN_CONFIG = "configs/train.py"  # the packaged configs (xpsr_jax/configs/)
+INFER_CONFIG = "configs/infer.py"
 DEFAULT_STEPS = 200
 STAGES = ("model", "data", "train", "export", "infer", "evaluate")
 STATE_FILE = "quickstart.json"
@@ -93,7 +104,6 @@ def _write_state(workdir: Path, state: dict) -> None:
 
 def _check_examples(examples: Path) -> tuple[Path, Path, int]:
     """(hr folder, captions file, crop size) of an examples folder."""
-    from xpsr_jax.data import images
 
     hr_dir, captions = examples / "hr", examples / "captions.jsonl"
     for path, what in ((hr_dir, "a folder hr/ of HR images"), (captions, "captions.jsonl")):
@@ -131,7 +141,6 @@ def _call(name: str, entry_point: Callable[[list[str]], int], argv: list[str]) -
 
 
 def stage_model(paths: dict[str, Path], **_) -> dict:
-    from xpsr_jax.models.tiny import write_tiny_model
 
     shutil.rmtree(paths["model"], ignore_errors=True)  # a half-written model from a killed run
     model = write_tiny_model(paths["model"], seed=0)
@@ -139,7 +148,6 @@ def stage_model(paths: dict[str, Path], **_) -> dict:
 
 
 def stage_data(paths: dict[str, Path], hr_dir: Path, captions: Path, crop_size: int, **_) -> dict:
-    from xpsr_jax.data import prepare, tfds_builder
 
     # --hr-target original: the stored HR is the example itself, so it is also the GT of stage 6.
     _call("data", prepare.main, [
@@ -151,10 +159,6 @@ def stage_data(paths: dict[str, Path], hr_dir: Path, captions: Path, crop_size: 
 
 
 def stage_train(paths: dict[str, Path], steps: int, **_) -> dict:
-    from xpsr_jax.train import UsageError, load_config_file
-    from xpsr_jax.training.config import ConfigError
-    from xpsr_jax.training.loop import TrainingDiverged, train
-    from xpsr_jax.training.metrics import METRICS_FILE, read_metrics_jsonl
 
     config = load_config_file(f"{TRAIN_CONFIG}:tiny")
     config.base_model = str(paths["model"] / "sd15")
@@ -163,7 +167,7 @@ def stage_train(paths: dict[str, Path], steps: int, **_) -> dict:
     config.checkpoint_every = max(1, min(100, steps))  # a kill loses at most 100 steps
     try:
         result = train(config, paths["train"])
-    except (UsageError, ConfigError, TrainingDiverged) as error:
+    except (ConfigFlagError, ConfigError, TrainingDiverged) as error:
         raise QuickstartError(f"stage train: {error}") from error
     losses = [r["loss"] for r in read_metrics_jsonl(paths["train"] / METRICS_FILE)
               if isinstance(r.get("loss"), (int, float))]
@@ -177,7 +181,6 @@ def stage_train(paths: dict[str, Path], steps: int, **_) -> dict:
 
 
 def stage_export(paths: dict[str, Path], **_) -> dict:
-    from xpsr_jax.export.cli import main as export_main
 
     shutil.rmtree(paths["release"], ignore_errors=True)  # redo from the current checkpoint
     _call("export", export_main, ["torch", "--workdir", str(paths["train"]),
@@ -186,7 +189,6 @@ def stage_export(paths: dict[str, Path], **_) -> dict:
 
 
 def stage_infer(paths: dict[str, Path], captions: Path, **_) -> dict:
-    from xpsr_jax.inference.cli import main as infer_main
 
     _call("infer", infer_main, [
         "--weights", str(paths["release"]), "--sd15", str(paths["model"] / "sd15"),
@@ -196,7 +198,6 @@ def stage_infer(paths: dict[str, Path], captions: Path, **_) -> dict:
 
 
 def stage_evaluate(paths: dict[str, Path], **_) -> dict:
-    from xpsr_jax.evaluation.cli import main as evaluate_main
 
     _call("evaluate", evaluate_main, [
         "--pred", str(paths["sr"]), "--gt", str(paths["prepare"] / "HR"), "--metrics", METRICS,
@@ -220,7 +221,6 @@ def _mean(values: Sequence[float]) -> float | None:
 def _use_compile_cache(folder: Path) -> None:
     """XLA's CPU compile of the train step is most of the chain's time: keep compiled programs
     in the workdir, so a rerun with more --steps loads them (unless the user set a cache)."""
-    import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         return

@@ -20,7 +20,11 @@ from ml_collections import config_dict
 from PIL import Image
 from tqdm import tqdm
 
-from xpsr_jax.captions import io, work
+from xpsr_jax.captions import (
+    generate,  # torch-free until a model is needed
+    io,
+    work,
+)
 from xpsr_jax.captions.config import DTYPES, QUESTIONS, TASKS, get_config, question_for
 
 EPILOG = """\
@@ -179,7 +183,6 @@ def run(config: config_dict.ConfigDict) -> pathlib.Path:
     Each batch is appended and fsynced before the next one starts, so a killed
     run loses at most the batch in flight.
     """
-    from xpsr_jax.captions import generate  # torch-free until a model is needed
 
     check_numbers(config)
     items = work.build_work_list({"lr": config.lr_dir, "hr": config.hr_dir})

@@ -18,6 +18,8 @@ from __future__ import annotations
 import pathlib
 import sys
 
+from packaging.version import Version
+
 from xpsr_jax.captions.io import CaptionInputError
 
 INSTALL_HINT = "pip install 'xpsr-jax[torch]'"
@@ -27,7 +29,7 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def import_torch():
     """``torch``, or SystemExit with the install command when it is missing."""
     try:
-        import torch
+        import torch  # lazy: optional dependency (the `torch` extra), named in the error
     except ImportError:
         sys.exit(f"xpsr_jax.captions needs PyTorch and transformers: {INSTALL_HINT}")
     return torch
@@ -74,8 +76,7 @@ def check_model_dir(path: str) -> pathlib.Path:
 
 def _dtype_kwarg(dtype) -> dict:
     """The dtype keyword of from_pretrained: ``dtype`` from transformers 4.56 on."""
-    import transformers
-    from packaging.version import Version
+    import transformers  # lazy: seconds to import; only the caption models need it
 
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {key: dtype}
@@ -99,7 +100,7 @@ class Captioner:
         template, for model folders that ship none.
         """
         import_torch()
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoProcessor  # lazy: as above
 
         check_model_dir(model_dir)
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)

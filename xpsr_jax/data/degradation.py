@@ -57,6 +57,7 @@ from collections.abc import Sequence
 import cv2
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from xpsr_jax.data.kernels import (
     KERNEL_FAMILIES,
@@ -797,7 +798,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = default_degradation_config()
 
     if args.benchmark:
-        from tqdm import tqdm
 
         cv2.setNumThreads(args.threads)
         hr = _synthetic_hr(args.size, args.seed)

@@ -34,7 +34,9 @@ from typing import Any
 
 import cv2
 import grain
+import jax
 import numpy as np
+from absl import flags
 from ml_collections import config_dict
 
 from xpsr_jax.models.tokenizer import load_clip_tokenizer, tokenize
@@ -249,7 +251,7 @@ class TokenizeBatch:
 
 def open_data_source(config: config_dict.ConfigDict):
     """The TFDS random-access source of `config.dataset` / `config.split` (no TensorFlow)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: seconds to import; only opening a dataset needs it
 
     try:
         return tfds.data_source(config.dataset, split=config.split, data_dir=config.data_dir)
@@ -263,7 +265,6 @@ def open_data_source(config: config_dict.ConfigDict):
 
 def _process_defaults(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
@@ -302,7 +303,6 @@ def make_train_dataset(config: config_dict.ConfigDict, *, process_index: int | N
                           prefetch_buffer_size=config.prefetch_buffer_size)
     ).map(TokenizeBatch(config.tokenizer_path, config.max_length))
     if config.num_workers > 0:
-        from absl import flags
 
         if not flags.FLAGS.is_parsed():
             # grain's worker start reads absl flags; a program without absl.app never parses

@@ -30,7 +30,7 @@ Examples::
     python -m xpsr_jax.data.prepare --stages build ... --build-parts 8 --build-part I
     python -m xpsr_jax.data.prepare --stages build ... --build-parts 8
     # defaults from a config file (big_vision style), flags still win
-    python -m xpsr_jax.data.prepare --config configs/data.py:runlocal --hr-dir HR ...
+    python -m xpsr_jax.data.prepare --config configs/data.py:tiny --hr-dir HR ...
 
 Public API: ``main(argv) -> int``, ``default_prepare_config()``, ``run_crop_stage``,
 ``run_caption_stage``, ``run_build_stage``, ``crop_boxes``, ``list_hr_images``,
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -55,7 +54,17 @@ import numpy as np
 from ml_collections import config_dict
 from tqdm import tqdm
 
+from xpsr_jax.captions.cli import main as captions_main
+from xpsr_jax.captions.io import load_captions
+from xpsr_jax.cli_config import ConfigFlagError, load_config_file
 from xpsr_jax.data import images, tfds_builder
+from xpsr_jax.data.degradation import (
+    default_degradation_config,
+    degrade,
+    to_uint8,
+    usm_sharpen,
+    validate_degradation_config,
+)
 
 STAGES = ("crop", "caption", "build")
 CROP_MODES = ("random", "grid")
@@ -169,7 +178,6 @@ def hr_target_image(hr_crop: np.ndarray, hr_target: str, degradation_config) -> 
     (`degradation_config.usm.radius/weight/threshold`; used whatever `usm.apply` says),
     rounded to uint8; "original": the crop unchanged.
     """
-    from xpsr_jax.data.degradation import to_uint8, usm_sharpen
 
     check_hr_target(hr_target)
     if hr_target == "original":
@@ -192,7 +200,6 @@ def crop_and_degrade(task: CropTask) -> CropResult:
     Per crop: HR png, then params json, then LR png, each atomic; the LR png marks the crop
     done, so a killed run redoes at most the crops in flight.
     """
-    from xpsr_jax.data.degradation import degrade
 
     work_dir = Path(task.work_dir)
     try:
@@ -277,7 +284,6 @@ def _drain(pool, results):
 def run_crop_stage(config: config_dict.ConfigDict, degradation_config=None) -> dict:
     """run_crop_stage(config, degradation_config=None) -> counts
     {"images", "written", "reused", "skipped"}. Writes HR/, LR/, degradation.jsonl, skipped.txt."""
-    from xpsr_jax.data.degradation import default_degradation_config, validate_degradation_config
 
     degradation_config = degradation_config or default_degradation_config()
     validate_degradation_config(degradation_config)
@@ -355,7 +361,6 @@ def _write_degradation_jsonl(work_dir: Path) -> None:
 
 def missing_caption_tasks(captions_path: Path, image_ids: Sequence[str]) -> dict[str, int]:
     """{task: number of (image, source) pairs without a caption} for tasks with gaps."""
-    from xpsr_jax.captions.io import load_captions
 
     captions = load_captions(captions_path) if captions_path.is_file() else {}
     missing = {}
@@ -390,7 +395,6 @@ def run_caption_stage(config: config_dict.ConfigDict) -> Path:
     if not missing:
         print(f"caption: {captions_path} already covers all {len(image_ids)} crops")
         return captions_path
-    from xpsr_jax.captions.cli import main as captions_main
 
     for task, model_key in (("highlevel", "highlevel_model"), ("lowlevel", "lowlevel_model")):
         if task not in missing:
@@ -466,19 +470,6 @@ def parse_stages(text: str) -> list[str]:
     return [s for s in STAGES if s in stages]  # always in pipeline order
 
 
-def load_config_file(spec: str) -> config_dict.ConfigDict:
-    """'path/to/file.py[:arg]' -> get_config(arg) of that file (big_vision style)."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise PrepareError(f"--config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location("_xpsr_prepare_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise PrepareError(f"--config file {path} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = default_prepare_config()
     parser = argparse.ArgumentParser(
@@ -522,7 +513,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[config_dict.ConfigDict, 
     config = default_prepare_config()
     degradation_config = None
     if args.config:
-        loaded = load_config_file(args.config)
+        try:
+            loaded = load_config_file(args.config)
+        except ConfigFlagError as error:
+            raise PrepareError(str(error)) from error
         if "prepare" not in loaded:
             raise PrepareError(f"--config {args.config}: get_config() has no 'prepare' field")
         for key, value in loaded.prepare.items():

@@ -56,7 +56,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import naming
 
+from xpsr_jax.captions.io import load_captions
 from xpsr_jax.data import images
+from xpsr_jax.data.degradation import DEGRADATION_PARAM_KEYS
 
 DATASET_NAME = "xpsr_pairs"
 SPLIT = "train"
@@ -94,7 +96,6 @@ class DatasetSourceError(ValueError):
 
 def degradation_param_keys() -> tuple[str, ...]:
     """The fixed key set of degradation parameters stored per example."""
-    from xpsr_jax.data.degradation import DEGRADATION_PARAM_KEYS
 
     return tuple(DEGRADATION_PARAM_KEYS)
 
@@ -121,7 +122,6 @@ def scan_prepared(work_dir: str | os.PathLike, captions_path: str | os.PathLike 
     Every ``HR/{id}.png`` needs ``LR/{id}.png``, a ``degradation.jsonl`` record and the four
     prompts in the captions file; anything missing raises DatasetSourceError naming it.
     """
-    from xpsr_jax.captions.io import load_captions
 
     work_dir = Path(work_dir)
     hr_dir, lr_dir = work_dir / "HR", work_dir / "LR"

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from huggingface_hub import constants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ class LoadedIqaMetric:
             return _as_float(self._pyiqa_metric(str(pred_dir), str(gt_dir)))
 
     def _to_tensor(self, rgb: np.ndarray):
-        import torch
+        import torch  # lazy: PyTorch is optional (pyiqa's metrics need it)
 
         array = np.ascontiguousarray(np.asarray(rgb, np.float32).transpose(2, 0, 1)[None] / 255.0)
         return torch.from_numpy(array).to(self._device)
@@ -129,7 +130,7 @@ def load_iqa_metrics(
             )
             continue
         try:
-            import torch
+            import torch  # lazy: optional; absent means the pyiqa metrics are skipped
 
             pyiqa = importlib.import_module("pyiqa")
             if torch_device is None:
@@ -159,10 +160,9 @@ def expected_weight_paths(metric: IqaMetric) -> list[Path]:
 
 def _cache_dir(cache: str) -> Path:
     if cache == "huggingface":
-        from huggingface_hub import constants
 
         return Path(constants.HF_HUB_CACHE)
-    import torch.hub
+    import torch.hub  # lazy: optional dependency, only for pyiqa's cache folder
 
     hub = Path(torch.hub.get_dir())
     return {"pyiqa": hub / "pyiqa", "torchvision": hub / "checkpoints", "clip": hub / "clip"}[cache]

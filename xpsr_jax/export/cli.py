@@ -16,6 +16,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from xpsr_jax.export.output import ExportError
+from xpsr_jax.weights.formats import WeightsFormatError
+
 SUBCOMMANDS = {
     "torch": ("xpsr_jax.export.torch_layout", "a training checkpoint -> the official PyTorch release layout"),
     "orbax": ("xpsr_jax.export.inference_checkpoint", "a release folder -> an inference-only orbax checkpoint"),
@@ -33,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xpsr_jax.export.formats import WeightsFormatError
-    from xpsr_jax.export.output import ExportError
 
     args = build_parser().parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.format][0])

@@ -22,16 +22,30 @@ device restores onto a pod slice and the reverse. `train.py` accepts OUT as `ini
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-NETWORKS = ("unet", "controlnet")
-STATE_DIR = "state"
-BASE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+from xpsr_jax.models.loading import NETWORKS, STATE_DIR, load_xpsr
+from xpsr_jax.weights.formats import (
+    MANIFEST,
+    ORBAX_INFERENCE,
+    RELEASE,
+    SD15_INFERENCE_PARTS,
+    detect_weights_format,
+    folder_checksums,
+    read_manifest,
+)
+
+BASE_PARTS = SD15_INFERENCE_PARTS  # what --sd15 copies: everything inference needs besides the two networks
 DTYPES = ("float32", "float16", "bfloat16")
 MANIFEST_VERSION = 1
 
@@ -56,20 +70,6 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def folder_checksums(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """{relative path: sha256} of every file under `folder` (sorted; `skip`: top-level names)."""
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).parts[0] not in skip}
-
-
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -82,13 +82,6 @@ def save_inference_checkpoint(folder: str | os.PathLike, unet, controlnet, *, co
     `configs`: {"unet": bytes, "controlnet": bytes} of the config.json files to store. The
     manifest gets the format, the dtype of the parameters and the checksums. Returns it.
     """
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from xpsr_jax.export.formats import MANIFEST, ORBAX_INFERENCE
-
     folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     tree = {"unet": nnx.state(unet, nnx.Param), "controlnet": nnx.state(controlnet, nnx.Param)}
@@ -110,12 +103,6 @@ def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLi
                                 sd15: str | os.PathLike | None = None, dtype: str = "float32",
                                 overwrite: bool = False) -> Path:
     """Release folder `weights` -> inference checkpoint `out` (see the module docstring)."""
-    import jax.numpy as jnp
-
-    from xpsr_jax.export.formats import RELEASE, detect_weights_format, read_manifest
-    from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
-    from xpsr_jax.models import load_xpsr
-
     if dtype not in DTYPES:
         raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPES)}")
     weights = Path(weights).absolute()
@@ -164,98 +151,4 @@ def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLi
     return Path(out).absolute()
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-_ABSTRACT_CACHE: dict = {}
-
-
-def abstract_network(model_class: type, config, **model_kwargs):
-    """`model_class(config, rngs=..., **model_kwargs)` built for shapes only (no initialiser runs).
-
-    The traced build (seconds for a UNet) is cached per (class, config.json, kwargs); every call
-    returns a new module whose variables are its own."""
-    import jax
-    from flax import nnx
-
-    from xpsr_jax.weights.pretrained import eval_shape_model
-
-    key = (model_class, json.dumps(config.to_dict(), sort_keys=True, default=str),
-           tuple(sorted((k, str(v)) for k, v in model_kwargs.items())))
-    if key not in _ABSTRACT_CACHE:
-        _ABSTRACT_CACHE[key] = nnx.split(eval_shape_model(
-            lambda: model_class(config, rngs=nnx.Rngs(0), **model_kwargs)))
-    graphdef, state = _ABSTRACT_CACHE[key]
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # fresh Variables
-
-
-ShardingSpec = Any  # None | jax.sharding.Sharding | Callable[[str, nnx.State], pytree of Sharding]
-
-
-def _target(name: str, abstract_params, sharding: ShardingSpec, param_dtype):
-    import jax
-
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
-        shardings = sharding(name, abstract_params)
-    else:
-        shardings = jax.tree.map(lambda _: sharding, abstract_params)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, param_dtype or x.dtype, sharding=s),
-                        abstract_params, shardings)
-
-
-def read_inference_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of an inference checkpoint; WeightsFormatError when `path` is none."""
-    from xpsr_jax.export.formats import ORBAX_INFERENCE, WeightsFormatError, detect_weights_format, read_manifest
-
-    path = Path(path)
-    kind = detect_weights_format(path)
-    if kind != ORBAX_INFERENCE:
-        raise WeightsFormatError(f"{path}: is a {kind!r} folder, not an orbax inference checkpoint "
-                                 "(made by `python -m xpsr_jax.export orbax`)")
-    if not (path / STATE_DIR).is_dir():
-        raise WeightsFormatError(f"{path}: orbax inference checkpoint without its {STATE_DIR}/ folder")
-    return read_manifest(path)
-
-
-def load_inference_checkpoint(path: str | os.PathLike, *, sharding: ShardingSpec = None, dtype: Any = None,
-                              param_dtype: Any = None, attention_backend: str = "auto"):
-    """(unet, controlnet) from an inference checkpoint, restored straight into `sharding`.
-
-    `sharding`: None (the first local device), one `jax.sharding.Sharding` for every parameter
-    (e.g. `NamedSharding(mesh, P())`), or `fn(network_name, abstract_param_state) -> pytree of
-    shardings` (e.g. the fsdp rule of `xpsr_jax.training.sharding.tree_shardings`).
-    `dtype`: compute dtype (default float32); `param_dtype`: stored dtype on load (default: as
-    saved). The networks are built abstractly, so no random initialisation runs.
-    """
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from xpsr_jax.export.formats import WeightsFormatError
-    from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
-    from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
-    path = Path(path).absolute()
-    read_inference_manifest(path)
-    dtype = jnp.float32 if dtype is None else dtype
-    param_dtype = None if param_dtype is None else jnp.dtype(param_dtype)
-    classes = {"unet": (XPSRUNet, XPSRUNetConfig), "controlnet": (XPSRControlNet, XPSRControlNetConfig)}
-    graphdefs, targets, rests = {}, {}, {}
-    for name, (model_class, config_class) in classes.items():
-        config = config_class.from_json_file(path / name / "config.json")
-        abstract = abstract_network(model_class, config, dtype=dtype, param_dtype=param_dtype or jnp.float32,
-                                    attention_backend=attention_backend)
-        graphdefs[name], params, rests[name] = nnx.split(abstract, nnx.Param, ...)
-        targets[name] = _target(name, params, sharding, param_dtype)
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(path / STATE_DIR, args=ocp.args.PyTreeRestore(
-            item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets)))
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        raise WeightsFormatError(f"{path / STATE_DIR}: does not hold the parameters of the networks "
-                                 f"in {path}/unet/config.json and controlnet/config.json ({error})") from error
-    return tuple(nnx.merge(graphdefs[name], restored[name], rests[name]) for name in NETWORKS)
-
-
-__all__ = ["export_inference_checkpoint", "load_inference_checkpoint", "save_inference_checkpoint",
-           "read_inference_manifest", "folder_checksums", "sha256_file"]
+__all__ = ["export_inference_checkpoint", "save_inference_checkpoint"]

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from xpsr_jax.export.formats import MANIFEST, WeightsFormatError, read_manifest
+from xpsr_jax.weights.formats import MANIFEST, WeightsFormatError, read_manifest
 
 
 class ExportError(ValueError):

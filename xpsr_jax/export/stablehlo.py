@@ -29,10 +29,22 @@ import os
 import shutil
 from pathlib import Path
 
-from xpsr_jax.export.formats import MANIFEST, STABLEHLO
-from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import export
+from safetensors.flax import save_file
 
-METADATA = "metadata.json"
+from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags
+from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+from xpsr_jax.inference.config import default_infer_config, validate_infer_config
+from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline, resolve_sd15
+from xpsr_jax.inference.sampling import PromptEmbeds, guided_noise, sample
+from xpsr_jax.models import tokenize
+from xpsr_jax.weights.artifact import METADATA
+from xpsr_jax.weights.formats import MANIFEST, STABLEHLO
+
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
 BATCH_DIM = "b"
@@ -42,7 +54,7 @@ BAKED_LIMIT_BYTES = 2**31 - 2**27
 ARTIFACT_VERSION = 1
 NETWORKS_OF = {"encode_text": ("text_encoder",), "denoise_step": ("unet", "controlnet"),
                "sample": ("unet", "controlnet", "vae", "text_encoder")}
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "infer.py")
+DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/configs/infer.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +105,6 @@ def parse_batch_sizes(text: str) -> list[int] | None:
 
 
 def run(args) -> int:
-    from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags
 
     try:
         config, _ = parse_config_flags(["--config", args.config] + [f"--config.{kv}" for kv in args.overrides],
@@ -121,7 +132,6 @@ def _leaf_name(path) -> str:
 
 def flatten_weights(group: str, state) -> tuple[dict, list[str], object]:
     """({name: array}, names in flatten order, treedef) of one network's state."""
-    import jax
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     names = [f"{group}/{_leaf_name(path)}" for path, _ in leaves]
@@ -133,7 +143,6 @@ def flatten_weights(group: str, state) -> tuple[dict, list[str], object]:
 def _spec(name: str, shape, dtype) -> dict:
     """An input or output of a function; `batched`: its first dimension is the batch (every
     array but the step's scalar timestep)."""
-    import numpy as np
 
     return {"name": name, "shape": [d if isinstance(d, int) else str(d) for d in shape],
             "dtype": np.dtype(dtype).name, "batched": len(shape) > 0}
@@ -144,7 +153,6 @@ def _tree_specs(tree) -> list[dict]:
 
 
 def _jsonable(value):
-    import numpy as np
 
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -171,9 +179,7 @@ class _Exporter:
     """Builds the three functions of one pipeline and exports them."""
 
     def __init__(self, pipe, weights_mode: str, platforms: list[str]):
-        import jax
 
-        from xpsr_jax.models import tokenize
 
         self.pipe = pipe
         self.weights_mode = weights_mode
@@ -194,7 +200,6 @@ class _Exporter:
 
     def _state_group(self, group: str, weights: dict | None):
         """The network state: the concrete (baked) arrays, or rebuilt from the weights argument."""
-        import jax
 
         arrays, names, treedef = self.groups[group]
         if weights is None:
@@ -202,7 +207,6 @@ class _Exporter:
         return jax.tree_util.tree_unflatten(treedef, [weights[n] for n in names])
 
     def _text_encoder(self, text_state, ids):
-        from flax import nnx
 
         return nnx.merge(self.pipe.text_encoder_def, text_state)(ids)
 
@@ -215,19 +219,16 @@ class _Exporter:
         return {"embeddings": self._text_encoder(self._weights_arg(weights, "text_encoder"), inputs["input_ids"])}
 
     def denoise_step(self, weights, inputs):
-        from xpsr_jax.inference.sampling import PromptEmbeds, _guided_noise
 
         states = {group: self._weights_arg(weights, group) for group in ("unet", "controlnet")}
         embeds = PromptEmbeds(inputs["highlevel"], inputs["highlevel_negative"], inputs["lowlevel"],
                               inputs["lowlevel_negative"])
-        eps = _guided_noise(self.pipe.networks, self.pipe.plan, states, inputs["latents"], inputs["timestep"],
+        eps = guided_noise(self.pipe.networks, self.pipe.plan, states, inputs["latents"], inputs["timestep"],
                             inputs["conditioning"], embeds)
         return {"noise_pred": eps}
 
     def sample(self, weights, inputs):
-        import jax.numpy as jnp
 
-        from xpsr_jax.inference.sampling import PromptEmbeds, sample
 
         highlevel_ids, lowlevel_ids = inputs["highlevel_ids"], inputs["lowlevel_ids"]
         batch = highlevel_ids.shape[0]
@@ -248,8 +249,6 @@ class _Exporter:
     # ------------------------------------------------------------ specs and export
 
     def input_specs(self, name: str, batch, size: tuple[int, int] | None) -> dict:
-        import jax
-        import jax.numpy as jnp
 
         sds = jax.ShapeDtypeStruct
         length = self.max_length
@@ -268,7 +267,6 @@ class _Exporter:
                 "highlevel": embed, "highlevel_negative": embed, "lowlevel": embed, "lowlevel_negative": embed}
 
     def weight_specs(self, name: str) -> dict:
-        import jax
 
         if self.weights_mode == "baked":
             return {}
@@ -276,8 +274,6 @@ class _Exporter:
                 for n, a in self.groups[group][0].items()}
 
     def export(self, name: str, batch, size):
-        import jax
-        from jax import export
 
         inputs = self.input_specs(name, batch, size)
         exported = export.export(jax.jit(getattr(self, name)), platforms=self.platforms)(
@@ -305,8 +301,6 @@ def export_stablehlo(weights: str | os.PathLike, out: str | os.PathLike, *, sd15
                      overwrite: bool = False) -> Path:
     """Export `weights` (a release or an orbax inference checkpoint, + the SD 1.5 base) under the
     inference `config` to the folder `out`; see `export_pipeline` for the options."""
-    from xpsr_jax.inference.config import default_infer_config, validate_infer_config
-    from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline, resolve_sd15
 
     config = default_infer_config() if config is None else config
     try:
@@ -345,7 +339,6 @@ def export_pipeline(pipe, out: str | os.PathLike, *, tokenizer_dir: str | os.Pat
     symbolic batch, else fixed sizes; platforms: jax.export platforms (default: this backend).
     Nothing is left at `out` when it fails (the folder is written aside and renamed at the end).
     """
-    import jax
 
     out = Path(out)
     inputs = [path for path in (source or {}).values() if path]
@@ -379,7 +372,6 @@ def export_pipeline(pipe, out: str | os.PathLike, *, tokenizer_dir: str | os.Pat
                               "networks": list(NETWORKS_OF[name]),
                               "inputs": _tree_specs(inputs), "outputs": _tree_specs(outputs)})
         if weights_mode == "argument":
-            from safetensors.flax import save_file
 
             arrays = {n: a for group in exporter.groups.values() for n, a in group[0].items()}
             save_file(arrays, str(staging / WEIGHTS_FILE))
@@ -396,7 +388,6 @@ def export_pipeline(pipe, out: str | os.PathLike, *, tokenizer_dir: str | os.Pat
 
 
 def _metadata(pipe, exporter: _Exporter, functions, sizes, batch_sizes, source: dict) -> dict:
-    import jax
 
     cfg = pipe.config
     sampler = pipe.sampler

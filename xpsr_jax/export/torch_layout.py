@@ -23,11 +23,31 @@ rule derives (`XPSRUNet.from_sd_unet` + the run's `model.*` switches, `XPSRContr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+from xpsr_jax.models.loading import abstract_network, load_inference_checkpoint
+from xpsr_jax.models.unet import UNet2DCondition
+from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
+from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
+from xpsr_jax.training.checkpoint import CHECKPOINT_DIR, finalized_steps
+from xpsr_jax.training.models import check_release_config, sfa_overrides
+from xpsr_jax.training.step import DTYPES as TRAIN_DTYPES
+from xpsr_jax.training.trainable import split_trainable
+from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict
+from xpsr_jax.weights.files import read_state_dict, resolve_weights_file, write_state_dict
+from xpsr_jax.weights.fingerprints import init_from_fingerprint, weights_fingerprint
+from xpsr_jax.weights.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format, folder_checksums
 
 DTYPES = ("float32", "float16", "bfloat16")
 NETWORKS = ("unet", "controlnet")
@@ -50,7 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xpsr_jax.export.output import ExportError
 
     if args.step is not None and args.workdir is None:
         raise ExportError("--step goes with --workdir; --checkpoint names one step folder already")
@@ -66,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Path:
     """WORKDIR/checkpoints/<step> (the latest finished one by default)."""
-    from xpsr_jax.export.output import ExportError
-    from xpsr_jax.training.checkpoint import CHECKPOINT_DIR, finalized_steps
 
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     steps = finalized_steps(directory)
@@ -81,7 +98,6 @@ def resolve_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> P
 
 
 def read_meta(checkpoint: Path) -> dict:
-    from xpsr_jax.export.output import ExportError
 
     if not (checkpoint.is_dir() and (checkpoint / "state").is_dir() and (checkpoint / "meta").is_dir()):
         raise ExportError(f"{checkpoint}: not an orbax training checkpoint step folder (expected state/ and "
@@ -106,8 +122,6 @@ def verify_frozen_base(meta: dict, checkpoint: Path, *, base_model: str | None =
                        init_from: str | None = None) -> FrozenBase:
     """The folder the frozen UNet weights come from, after checking its fingerprint against the
     one stored in the checkpoint; ExportError naming the path otherwise."""
-    from xpsr_jax.export.output import ExportError
-    from xpsr_jax.training.config import init_from_fingerprint, weights_fingerprint
 
     stored = meta["frozen_base"]
     kind = "init_from" if stored.get("init_from") else "base_model"
@@ -148,27 +162,14 @@ def _sd_base_networks(base_model: Path, train_config: dict) -> BaseNetworks:
     """The XPSR networks initialised from SD 1.5 as the official rule shapes them: SD tensors for
     the frozen UNet part; the trainable parts stay abstract (the checkpoint replaces them), so no
     random initialisation is computed."""
-    from flax import nnx
 
-    from xpsr_jax.export.output import ExportError
-    from xpsr_jax.models.unet import EncoderConfig, UNet2DCondition
-    from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
-    from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
-    from xpsr_jax.training.models import _sfa_overrides
-    from xpsr_jax.export.inference_checkpoint import abstract_network
-    from xpsr_jax.training.trainable import split_trainable
 
     sd_unet = UNet2DCondition.from_pretrained(base_model, subfolder="unet")
-    # XPSRUNet.from_sd_unet's config: the SD UNet's values + the run's SFA switches.
-    fields = {f.name for f in dataclasses.fields(XPSRUNetConfig)} - {"raw"}
-    values = {name: getattr(sd_unet.config, name) for name in fields if hasattr(sd_unet.config, name)}
-    values.update(_sfa_overrides(train_config.get("model")))
-    unet_config = XPSRUNetConfig(**values, raw=None)
-    # XPSRControlNet.from_unet's config: the encoder keys of the UNet, XPSR defaults.
-    encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)} - {"raw"}
-    controlnet_config = XPSRControlNetConfig(**{n: getattr(unet_config, n) for n in encoder_fields}, raw=None)
-    for config in (unet_config, controlnet_config):
-        config.validate(f"the XPSR config derived from {base_model}/unet")
+    try:  # the configs XPSRUNet.from_sd_unet (+ the run's SFA switches) and XPSRControlNet.from_unet derive
+        unet_config = XPSRUNetConfig.from_sd(sd_unet.config, **sfa_overrides(train_config.get("model")))
+        controlnet_config = XPSRControlNetConfig.from_unet(unet_config)
+    except ValueError as error:
+        raise ExportError(f"the XPSR config derived from {base_model}/unet: {error}") from error
 
     unet = abstract_network(XPSRUNet, unet_config)
     graphdef, trainable, frozen = split_trainable(unet, "unet")
@@ -186,14 +187,6 @@ def _sd_base_networks(base_model: Path, train_config: dict) -> BaseNetworks:
 
 
 def load_base_networks(base: FrozenBase, train_config: dict) -> BaseNetworks:
-    from xpsr_jax.export.formats import ORBAX_INFERENCE, detect_weights_format
-    from xpsr_jax.export.inference_checkpoint import load_inference_checkpoint
-    from xpsr_jax.export.inference_checkpoint import abstract_network
-    from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
-    from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
-    from xpsr_jax.training.models import _check_release_config
-    from xpsr_jax.weights.convert import load_state_dict_into
-    from xpsr_jax.weights.files import read_state_dict, resolve_weights_file
 
     if base.kind == "base_model":
         return _sd_base_networks(base.path, train_config)
@@ -208,7 +201,7 @@ def load_base_networks(base: FrozenBase, train_config: dict) -> BaseNetworks:
         # The ControlNet is all trainable: only its shapes are needed.
         config = XPSRControlNetConfig.from_json_file(base.path / "controlnet" / "config.json")
         controlnet = abstract_network(XPSRControlNet, config)
-    _check_release_config(unet, train_config.get("model"), str(base.path))
+    check_release_config(unet, train_config.get("model"), str(base.path))
     return BaseNetworks(unet, controlnet, {name: (base.path / name / "config.json").read_bytes()
                                            for name in NETWORKS})
 
@@ -217,12 +210,7 @@ def restore_trainable(checkpoint: Path, networks: BaseNetworks, *, ema: bool, pa
     """(unet, controlnet) with the checkpoint's trainable parameters (or its EMA) merged in.
 
     Only `params` (or `ema_params`) are read: no optimizer state, RNG or step."""
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
 
-    from xpsr_jax.export.output import ExportError
-    from xpsr_jax.training.trainable import split_trainable
 
     key = "ema_params" if ema else "params"
     state_dir = checkpoint / "state"
@@ -248,10 +236,7 @@ def restore_trainable(checkpoint: Path, networks: BaseNetworks, *, ema: bool, pa
 
 def torch_state_dict(module, dtype: str) -> dict:
     """The module's PyTorch-layout state dict with floating tensors cast to `dtype`."""
-    import ml_dtypes
-    import numpy as np
 
-    from xpsr_jax.weights.convert import module_state_dict
 
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     return {k: v.astype(target) if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16 else v
@@ -259,7 +244,6 @@ def torch_state_dict(module, dtype: str) -> dict:
 
 
 def write_release(folder: Path, networks: dict, configs: dict[str, bytes], dtype: str) -> None:
-    from xpsr_jax.weights.files import write_state_dict
 
     for name in NETWORKS:
         (folder / name).mkdir(parents=True)
@@ -268,9 +252,6 @@ def write_release(folder: Path, networks: dict, configs: dict[str, bytes], dtype
 
 
 def _parameter_bytes(modules, dtype: str) -> int:
-    import jax
-    import numpy as np
-    from flax import nnx
 
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     return sum(int(np.prod(x.shape)) * itemsize for m in modules for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
@@ -291,12 +272,7 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
                         overwrite: bool = False) -> Path:
     """One training checkpoint step folder -> release folder `out` (see the module docstring).
     Every check runs before anything is written; a failure leaves no partial output."""
-    import jax.numpy as jnp
 
-    from xpsr_jax.export.formats import MANIFEST, RELEASE
-    from xpsr_jax.export.inference_checkpoint import folder_checksums
-    from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
-    from xpsr_jax.training.step import DTYPES as TRAIN_DTYPES
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPES)}")

@@ -24,21 +24,19 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from tqdm import tqdm
-
 from ml_collections import config_dict
+from tqdm import tqdm
 
 from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, split_config_args
 from xpsr_jax.data.images import IMAGE_SUFFIXES, ImageReadError, read_rgb, write_png_atomic
-from xpsr_jax.export import load_artifact
-from xpsr_jax.export.artifact import ArtifactInputError
-from xpsr_jax.export.formats import STABLEHLO, WeightsFormatError, read_manifest
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
 from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr, resize_output
 from xpsr_jax.inference.prompts import OFFICIAL_LR_FOLDER, MissingPromptError, PromptSource, is_official_layout
+from xpsr_jax.weights.artifact import ArtifactInputError, load_artifact
+from xpsr_jax.weights.formats import STABLEHLO, WeightsFormatError, read_manifest
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "infer.py")
+DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/configs/infer.py)
 
 
 class Job(NamedTuple):

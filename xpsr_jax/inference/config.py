@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
+from xpsr_jax.models.attention import ATTENTION_BACKENDS
 from xpsr_jax.schedulers import SAMPLERS
 
 INIT_MODES = ("lr_latent", "noise")
@@ -101,7 +102,6 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
     for key in ("dtype", "param_dtype"):
         if config[key] not in DTYPES:
             raise bad(key, " | ".join(DTYPES))
-    from xpsr_jax.models.attention import ATTENTION_BACKENDS
     if config.attention_backend not in ATTENTION_BACKENDS:
         raise bad("attention_backend", " | ".join(ATTENTION_BACKENDS))
     positive_int("batch_size", config.batch_size)

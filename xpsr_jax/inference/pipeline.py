@@ -30,12 +30,10 @@ from ml_collections import config_dict
 
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
 from xpsr_jax.inference.preprocess import preprocess_lr, resize_output
-from xpsr_jax.inference.sampling import (PromptEmbeds, SampleOutput, SamplingNoise, SamplingPlan, sample,
-                                         split_networks)
-from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, load_clip_tokenizer, load_xpsr, tokenize
+from xpsr_jax.inference.sampling import PromptEmbeds, SampleOutput, SamplingNoise, SamplingPlan, sample, split_networks
+from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, load_clip_tokenizer, load_xpsr_networks, tokenize
 from xpsr_jax.schedulers import load_scheduler_config, make_sampler, noise_schedule_from_config
-
-SD15_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+from xpsr_jax.weights.formats import MANIFEST, SD15_INFERENCE_PARTS, WeightsFormatError
 
 
 class WeightsFolderError(FileNotFoundError):
@@ -45,44 +43,28 @@ class WeightsFolderError(FileNotFoundError):
 def resolve_sd15(weights: Path, sd15: str | os.PathLike | None) -> Path:
     """The SD 1.5 base folder: `sd15`, else `weights` when it has every base subfolder."""
     base = Path(sd15) if sd15 is not None else weights
-    missing = [part for part in SD15_PARTS if not (base / part).is_dir()]
+    missing = [part for part in SD15_INFERENCE_PARTS if not (base / part).is_dir()]
     if missing:
         hint = "" if sd15 is not None else " (pass sd15=<the SD 1.5 folder>)"
         raise WeightsFolderError(f"{base}: missing SD 1.5 subfolder(s) {missing}; the pipeline needs "
-                                 f"{list(SD15_PARTS)}{hint}")
+                                 f"{list(SD15_INFERENCE_PARTS)}{hint}")
     return base
 
 
 def load_sampling_networks(weights: str | os.PathLike, **model_kwargs):
     """(unet, controlnet) from an official-layout release folder (unet/ + controlnet/) or an
     orbax inference checkpoint (`python -m xpsr_jax.export orbax`); `model_kwargs`: dtype,
-    param_dtype, attention_backend."""
-    from xpsr_jax.export.formats import (ORBAX_INFERENCE, RELEASE, STABLEHLO, WeightsFormatError,
-                                         detect_weights_format)
-
+    param_dtype, attention_backend. WeightsFolderError says what is wrong with the folder."""
     folder = Path(weights)
     if not folder.is_dir():
         raise WeightsFolderError(f"{folder}: weights folder not found")
     try:
-        kind = detect_weights_format(folder)
+        return load_xpsr_networks(folder, **model_kwargs)
     except WeightsFormatError as error:
-        if (folder / "manifest.json").is_file():  # a broken manifest: say what is wrong with it
+        if (folder / MANIFEST).is_file():  # a broken manifest or an artifact: say what is wrong with it
             raise WeightsFolderError(str(error)) from error
-        kind = None
-    if kind == RELEASE:
-        return load_xpsr(folder, **model_kwargs)
-    if kind == ORBAX_INFERENCE:
-        from xpsr_jax.export.inference_checkpoint import load_inference_checkpoint
-
-        try:
-            return load_inference_checkpoint(folder, **model_kwargs)
-        except WeightsFormatError as error:
-            raise WeightsFolderError(str(error)) from error
-    if kind == STABLEHLO:
-        raise WeightsFolderError(f"{folder}: a StableHLO artifact holds compiled programs, not networks; "
-                                 "load it with xpsr_jax.export.load_artifact")
-    raise WeightsFolderError(f"{folder}: not an XPSR release (needs unet/ and controlnet/ subfolders) nor an "
-                             "orbax inference checkpoint (python -m xpsr_jax.export orbax)")
+        raise WeightsFolderError(f"{folder}: not an XPSR release (needs unet/ and controlnet/ subfolders) nor an "
+                                 "orbax inference checkpoint (python -m xpsr_jax.export orbax)") from error
 
 
 def _as_config(config: config_dict.ConfigDict | None) -> config_dict.ConfigDict:

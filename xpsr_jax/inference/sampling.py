@@ -26,8 +26,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xpsr_jax.inference.color_fix import to_uint8_image
-from xpsr_jax.inference.tiling import (VAE_DECODER_PAD, VAE_ENCODER_PAD, latent_tiling_applies, run_tiled,
-                                       tiled_model_call, vae_tiles, with_tile_synced_group_norm)
+from xpsr_jax.inference.tiling import (
+    VAE_DECODER_PAD,
+    VAE_ENCODER_PAD,
+    latent_tiling_applies,
+    run_tiled,
+    tiled_model_call,
+    vae_tiles,
+    with_tile_synced_group_norm,
+)
 from xpsr_jax.schedulers import NoiseSchedule, Sampler, add_noise
 
 
@@ -151,7 +158,7 @@ def _pairs(negative: jax.Array, positive: jax.Array) -> jax.Array:
     return jnp.stack([negative, positive], axis=1).reshape((-1,) + negative.shape[1:])
 
 
-def _guided_noise(networks: Networks, plan: SamplingPlan, states, latents, timestep, image, embeds: PromptEmbeds):
+def guided_noise(networks: Networks, plan: SamplingPlan, states, latents, timestep, image, embeds: PromptEmbeds):
     """The guided epsilon for `latents` (B, h, w, 4) at integer `timestep`."""
     unet = nnx.merge(networks.unet, states["unet"])
     controlnet = nnx.merge(networks.controlnet, states["controlnet"])
@@ -214,7 +221,7 @@ def sample(networks: Networks, plan: SamplingPlan, states, conditioning: jax.Arr
 
     def body(index, carry):
         latents, sampler_state = carry
-        eps = _guided_noise(networks, plan, states, latents, timesteps[index], conditioning, embeds)
+        eps = guided_noise(networks, plan, states, latents, timesteps[index], conditioning, embeds)
         draw = step_noise(index) if sampler.needs_step_noise else None
         return sampler.step(sampler_state, index, eps, latents, draw)
 

@@ -32,14 +32,13 @@ tensor of the release is all-zero (or constant).
 The networks are built abstractly (`nnx.eval_shape`) and filled, as `from_pretrained` does,
 rather than by calling `XPSRUNet.from_sd_unet` / `XPSRControlNet.from_unet`, whose eager random
 initialisation compiles one kernel per tensor shape (about 40 s on a 2-core CPU); the configs
-they derive are reproduced by `xpsr_unet_config` / `xpsr_controlnet_config` and the copy rule is
+they derive come from `XPSRUNetConfig.from_sd` / `XPSRControlNetConfig.from_unet` and the copy rule is
 theirs (`apply_official_init`). tests/test_tiny_model.py checks both against the PyTorch reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -53,7 +52,7 @@ from flax import nnx
 
 from xpsr_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
 from xpsr_jax.models.tiny_tokenizer import BOS_TOKEN, EOS_TOKEN, tiny_clip_vocab, write_tiny_clip_tokenizer
-from xpsr_jax.models.unet import EncoderConfig, UNet2DCondition, UNet2DConditionConfig
+from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 from xpsr_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
 from xpsr_jax.models.xpsr_init import apply_official_init
@@ -217,23 +216,6 @@ def randomized(abstract: nnx.Module, *, seed: int, network: str) -> nnx.Module:
     return load_state_dict_into(abstract, state_dict, source=f"random {network} weights")
 
 
-def xpsr_unet_config(sd_config: UNet2DConditionConfig) -> XPSRUNetConfig:
-    """The XPSR UNet config `XPSRUNet.from_sd_unet` derives (no overrides: the release config)."""
-    fields = {f.name for f in dataclasses.fields(XPSRUNetConfig)} - {"raw"}
-    config = XPSRUNetConfig(**{name: getattr(sd_config, name) for name in fields if hasattr(sd_config, name)})
-    config.validate("XPSRUNet config from the SD UNet")
-    return config
-
-
-def xpsr_controlnet_config(unet_config: XPSRUNetConfig) -> XPSRControlNetConfig:
-    """The ControlNet config `XPSRControlNet.from_unet` derives (official XPSR switches)."""
-    fields = {f.name for f in dataclasses.fields(EncoderConfig)} - {"raw"}
-    config = XPSRControlNetConfig(**{name: getattr(unet_config, name) for name in fields},
-                                  conditioning_embedding_out_channels=CONDITIONING_EMBEDDING_OUT_CHANNELS)
-    config.validate("XPSRControlNet config from the UNet")
-    return config
-
-
 def _write_json(path: Path, content: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
@@ -242,7 +224,7 @@ def _write_json(path: Path, content: dict) -> None:
 def write_sd15(folder: str | os.PathLike, *, seed: int) -> UNet2DCondition:
     """The SD 1.5 folder; returns its UNet (the source of the XPSR release)."""
     folder = Path(folder)
-    tokenizer = write_tiny_clip_tokenizer(folder / "tokenizer")
+    write_tiny_clip_tokenizer(folder / "tokenizer")
     vocab = tiny_clip_vocab()
     text_config = CLIPTextConfig.from_dict(
         {**TEXT_ENCODER_CONFIG, "vocab_size": len(vocab), "bos_token_id": vocab[BOS_TOKEN],
@@ -266,12 +248,13 @@ def write_sd15(folder: str | os.PathLike, *, seed: int) -> UNet2DCondition:
 def write_xpsr_release(folder: str | os.PathLike, sd_unet: UNet2DCondition, *, seed: int) -> None:
     """`folder/unet` and `folder/controlnet`, initialised from `sd_unet` by the official rule."""
     folder = Path(folder)
-    unet_config = xpsr_unet_config(sd_unet.config)
+    unet_config = XPSRUNetConfig.from_sd(sd_unet.config)
     unet = randomized(abstract_model(XPSRUNet, unet_config), seed=seed, network="xpsr_unet")
     unet, _ = apply_official_init(unet, module_state_dict(sd_unet), source_name="SD UNet")
     unet.save_pretrained(folder / "unet")
 
-    controlnet_config = xpsr_controlnet_config(unet_config)
+    controlnet_config = XPSRControlNetConfig.from_unet(
+        unet_config, conditioning_embedding_out_channels=CONDITIONING_EMBEDDING_OUT_CHANNELS)
     controlnet = randomized(abstract_model(XPSRControlNet, controlnet_config),
                             seed=seed, network="xpsr_controlnet")
     controlnet, _ = apply_official_init(controlnet, module_state_dict(unet), source_name="XPSR UNet",

@@ -26,7 +26,7 @@ def load_clip_tokenizer(folder: str | os.PathLike):
 
     Reads only local files. Raises FileNotFoundError naming the folder and the missing files.
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # lazy: importing transformers takes seconds
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -14,7 +14,14 @@ from xpsr_jax.models.embeddings import TimestepEmbedding, timestep_features
 from xpsr_jax.models.layers import GroupNorm, conv2d
 from xpsr_jax.models.model_config import ModelConfig
 from xpsr_jax.models.unet_blocks import (
-    BLOCK_TYPES, DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, BlockSpec, DownBlock, MidBlock, UpBlock,
+    BLOCK_TYPES,
+    DOWN_BLOCK_TYPES,
+    MID_BLOCK_TYPES,
+    UP_BLOCK_TYPES,
+    BlockSpec,
+    DownBlock,
+    MidBlock,
+    UpBlock,
 )
 from xpsr_jax.weights.pretrained import PretrainedMixin
 

@@ -47,6 +47,17 @@ class XPSRControlNetConfig(EncoderConfig):
             raise ValueError(f"{source}: conditioning_embedding_out_channels="
                              f"{self.conditioning_embedding_out_channels!r} needs at least 2 widths")
 
+    @classmethod
+    def from_unet(cls, unet_config: EncoderConfig, **overrides: Any) -> "XPSRControlNetConfig":
+        """The config of the official `ControlNetModel.from_unet`: the UNet's encoder keys, the XPSR
+        switches at their defaults unless overridden. The one derivation every builder uses."""
+        encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)} - {"raw"}
+        values = {name: getattr(unet_config, name) for name in encoder_fields}
+        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        config = cls(**values, raw=None)
+        config.validate("XPSRControlNetConfig.from_unet")
+        return config
+
     @property
     def skip_widths(self) -> tuple[int, ...]:
         """Channel count of every UNet skip connection, in down order (conv_in, layers, downsamplers)."""
@@ -218,12 +229,9 @@ class XPSRControlNet(PretrainedMixin, UNetEncoder):
         time_embedding copied; down/mid blocks by the official rule (SFA tensors copied from the
         UNet's `attentions` EVEN WHEN the UNet has SFA of its own); zero convs zero; the pyramid
         encoder and latent heads fresh (its conv_out zero)."""
-        encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)} - {"raw"}
-        values = {name: getattr(unet.config, name) for name in encoder_fields}
-        values["conditioning_embedding_out_channels"] = tuple(conditioning_embedding_out_channels)
-        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in config_overrides.items()})
-        config = XPSRControlNetConfig(**values, raw=None)
-        config.validate("XPSRControlNet.from_unet")
+        config = XPSRControlNetConfig.from_unet(
+            unet.config, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+            **config_overrides)
         controlnet = cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                          attention_backend=attention_backend)
         if not load_weights_from_unet:

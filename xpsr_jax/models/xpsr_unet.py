@@ -22,6 +22,17 @@ class XPSRUNetConfig(UNet2DConditionConfig):
     mid_use_lowlevel_prompt: bool = False
     up_use_lowlevel_prompt: tuple = (False, False, False, False)
 
+    @classmethod
+    def from_sd(cls, sd_config: UNet2DConditionConfig, **overrides: Any) -> "XPSRUNetConfig":
+        """The config of the official `from_pretrained_orig`: the SD UNet's keys plus `overrides`
+        (e.g. `mid_use_lowlevel_prompt=True`). The one derivation every builder uses."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"raw"}
+        values = {name: getattr(sd_config, name) for name in fields if hasattr(sd_config, name)}
+        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        config = cls(**values, raw=None)
+        config.validate("XPSRUNetConfig.from_sd")
+        return config
+
     def validate(self, source: str) -> None:
         super().validate(source)
         if len(self.up_use_lowlevel_prompt) != len(self.up_block_types):
@@ -70,11 +81,7 @@ class XPSRUNet(UNet2DCondition):
         The config is the SD UNet's plus `config_overrides` (e.g. `mid_use_lowlevel_prompt=True`);
         SD tensors are copied, SFA tensors copied from `attentions`, pixel attentions fresh.
         """
-        fields = {f.name for f in dataclasses.fields(XPSRUNetConfig)} - {"raw"}
-        values = {name: getattr(sd_unet.config, name) for name in fields if hasattr(sd_unet.config, name)}
-        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in config_overrides.items()})
-        config = XPSRUNetConfig(**values, raw=None)
-        config.validate("XPSRUNet.from_sd_unet")
+        config = XPSRUNetConfig.from_sd(sd_unet.config, **config_overrides)
         model = cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
         return apply_official_init(model, module_state_dict(sd_unet), source_name="SD UNet")
 

@@ -5,8 +5,16 @@ from xpsr_jax.training.models import XPSRModels, init_xpsr_from_sd, load_trainin
 from xpsr_jax.training.optimizer import ema_update, make_learning_rate_schedule, make_optimizer
 from xpsr_jax.training.resize import resize_bilinear
 from xpsr_jax.training.sharding import batch_sharding, global_batch, make_mesh, tree_shardings
-from xpsr_jax.training.step import (CompiledTrainStep, TrainState, create_train_state, format_memory_estimate,
-                                    make_train_step, memory_estimate, merge_models, state_shardings)
+from xpsr_jax.training.step import (
+                                    CompiledTrainStep,
+                                    TrainState,
+                                    create_train_state,
+                                    format_memory_estimate,
+                                    make_train_step,
+                                    memory_estimate,
+                                    merge_models,
+                                    state_shardings,
+)
 from xpsr_jax.training.trainable import TRAINABLE_UNET_MODULES, is_trainable_unet_path, trainable_filter
 
 __all__ = [

@@ -5,7 +5,6 @@ raises one-line errors that name the key (or path), the bad value and what is va
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from ml_collections import config_dict
 
 from xpsr_jax.data.pipeline import validate_pipeline_config
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
+from xpsr_jax.weights.fingerprints import init_from_fingerprint, weights_fingerprint
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine")
@@ -251,65 +251,6 @@ def write_workdir_config(config: config_dict.ConfigDict, workdir: str | os.PathL
 
 
 # ----------------------------------------------------------------------------- base weights
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
-_SAMPLES = 16  # evenly spaced chunks per weight file
-_CHUNK = 1 << 16
-
-
-def _file_fingerprint(path: Path, digest) -> None:
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}\n".encode())
-    with open(path, "rb") as handle:
-        if size <= (_SAMPLES + 16) * _CHUNK:
-            digest.update(handle.read())
-            return
-        digest.update(handle.read(1 << 20))  # the safetensors header lives at the start
-        for index in range(_SAMPLES):
-            handle.seek((size - _CHUNK) * (index + 1) // _SAMPLES)
-            digest.update(handle.read(_CHUNK))
-
-
-def weights_fingerprint(folder: str | os.PathLike,
-                        subfolders=("unet", "vae", "text_encoder")) -> str:
-    """sha256 over the names, sizes, configs, headers and 16 evenly spaced 64 KiB chunks of the
-    weight files of `subfolders` (whole files when small). Any re-trained or swapped weights
-    change it; it reads a few MiB of a 4 GB SD 1.5 folder."""
-    digest = hashlib.sha256()
-    for sub in subfolders:
-        part = Path(folder) / sub
-        if not part.is_dir():
-            continue
-        for path in sorted(p for p in part.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-            digest.update(f"{sub}/".encode())
-            _file_fingerprint(path, digest)
-    return digest.hexdigest()
-
-
-def tree_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 over the relative paths, sizes and sampled contents (as `weights_fingerprint`) of
-    every file under `folder`: for an orbax checkpoint, whose array files have no suffix."""
-    digest = hashlib.sha256()
-    root = Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(root).parent}/".encode())
-        _file_fingerprint(path, digest)
-    return digest.hexdigest()
-
-
-def init_from_fingerprint(path: str | os.PathLike) -> str:
-    """The fingerprint of an `init_from` folder: its unet/ and controlnet/ weight files for a
-    release, every file for an orbax inference checkpoint (python -m xpsr_jax.export orbax)."""
-    from xpsr_jax.export.formats import ORBAX_INFERENCE, WeightsFormatError, detect_weights_format
-
-    try:
-        kind = detect_weights_format(path)
-    except WeightsFormatError:  # not weights at all: loading init_from reports it
-        kind = None
-    if kind == ORBAX_INFERENCE:
-        return tree_fingerprint(path)
-    return weights_fingerprint(path, ("unet", "controlnet"))
-
 
 def frozen_base_reference(config: config_dict.ConfigDict) -> dict[str, str]:
     """{"base_model", "base_model_sha256", "init_from", "init_from_sha256"}: what the frozen

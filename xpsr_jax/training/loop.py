@@ -33,11 +33,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
+from xpsr_jax.data import tfds_builder
+from xpsr_jax.data.pipeline import make_train_iterator
+from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
 from xpsr_jax.training import config as train_config
-from xpsr_jax.training.checkpoint import (CHECKPOINT_DIR, StopSignal, TrainCheckpoints,
-                                          finalized_steps, read_checkpoint_meta)
+from xpsr_jax.training.checkpoint import (
+    CHECKPOINT_DIR,
+    StopSignal,
+    TrainCheckpoints,
+    finalized_steps,
+    read_checkpoint_meta,
+)
+from xpsr_jax.training.loss import BATCH_KEYS
 from xpsr_jax.training.metrics import MetricsWriter
+from xpsr_jax.training.models import load_training_models
+from xpsr_jax.training.sharding import global_batch, make_mesh
+from xpsr_jax.training.step import (
+    create_train_state,
+    dtype_from_config,
+    format_memory_estimate,
+    make_train_step,
+    memory_estimate,
+)
+from xpsr_jax.training.validation import Validator
 
 STATE_VERSION = 1
 
@@ -105,7 +125,6 @@ def _say(message: str) -> None:
 
 def _hr_target(data_dir: str, dataset: str) -> str:
     """The dataset's HR target (usm | original | unknown), as the TFDS builder recorded it."""
-    from xpsr_jax.data import tfds_builder
 
     reader = getattr(tfds_builder, "read_hr_target", None)
     if reader is None:
@@ -147,7 +166,6 @@ def _host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
 
 def _summary(config, mesh, state, frozen, global_batch_size: int, start_step: int,
              compile_seconds: float | None = None) -> None:
-    from xpsr_jax.training.step import format_memory_estimate, memory_estimate
 
     devices = jax.devices()
     per_device = global_batch_size // mesh.size
@@ -191,12 +209,6 @@ def train(config, workdir: str | os.PathLike, *,
           distributed: DistributedOptions | None = None) -> TrainResult:
     """Trains (or resumes) in `workdir`; see the module docstring. Raises ConfigError on bad
     input (before any compilation) and TrainingDiverged on a non-finite step."""
-    from xpsr_jax.data.pipeline import make_train_iterator
-    from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
-    from xpsr_jax.training.loss import BATCH_KEYS
-    from xpsr_jax.training.models import load_training_models
-    from xpsr_jax.training.sharding import global_batch, make_mesh
-    from xpsr_jax.training.step import create_train_state, dtype_from_config, make_train_step
 
     initialize_distributed(distributed)
     workdir = Path(workdir).absolute()
@@ -250,13 +262,11 @@ def train(config, workdir: str | os.PathLike, *,
         if is_writer else None
     progress = None
     if is_writer:
-        from tqdm import tqdm
 
         progress = tqdm(total=int(config.total_steps), initial=start_step, desc="train",
                         dynamic_ncols=True, file=sys.stderr)
     validator = None
     if config.validation.every > 0:
-        from xpsr_jax.training.validation import Validator
 
         validator = Validator(config, workdir)
     stop = StopSignal()

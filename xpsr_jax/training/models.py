@@ -18,13 +18,20 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
-from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, UNet2DCondition, XPSRControlNet, XPSRUNet, load_xpsr
+from xpsr_jax.models import (
+    AutoencoderKL,
+    CLIPTextEncoder,
+    UNet2DCondition,
+    XPSRControlNet,
+    XPSRUNet,
+    load_xpsr_networks,
+)
 from xpsr_jax.models.unet_blocks import BLOCK_TYPES
 from xpsr_jax.models.xpsr_init import InitReport
+from xpsr_jax.weights.formats import SD15_TRAINING_PARTS
 
 logger = logging.getLogger(__name__)
 
-SD_SUBFOLDERS = ("unet", "vae", "text_encoder")
 UNET_SFA_KEYS = ("down_use_lowlevel_prompt", "mid_use_lowlevel_prompt", "up_use_lowlevel_prompt")
 # remat policy -> block types wrapped in nnx.remat ("attention": the blocks with attention).
 REMAT_POLICIES = {
@@ -47,7 +54,7 @@ def remat_block_types(policy: str, key: str = "remat") -> tuple[str, ...]:
     return tuple(REMAT_POLICIES[policy])
 
 
-def _sfa_overrides(model_config: Mapping[str, Any] | None) -> dict[str, Any]:
+def sfa_overrides(model_config: Mapping[str, Any] | None) -> dict[str, Any]:
     if model_config is None:
         return {}
     values = dict(model_config)
@@ -67,26 +74,19 @@ def _check_folder(folder: Path, subfolders: tuple[str, ...], what: str, key: str
         raise FileNotFoundError(f"{key}={str(folder)!r}: {what} needs {', '.join(f'{m}/config.json' for m in missing)}")
 
 
-def _is_inference_checkpoint(folder: str) -> bool:
-    from xpsr_jax.export.formats import ORBAX_INFERENCE, read_manifest
-
-    manifest = read_manifest(folder)
-    return manifest is not None and manifest["format"] == ORBAX_INFERENCE
-
-
 def init_xpsr_from_sd(sd_unet: UNet2DCondition, model_config: Mapping[str, Any] | None = None, *, seed: int = 0,
                       dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, attention_backend: str = "auto",
                       ) -> tuple[XPSRUNet, XPSRControlNet, dict[str, InitReport]]:
     """The official initialisation: (unet, controlnet, {"unet": report, "controlnet": report})."""
     rngs = nnx.Rngs(seed)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
-    unet, unet_report = XPSRUNet.from_sd_unet(sd_unet, rngs=rngs, **kwargs, **_sfa_overrides(model_config))
+    unet, unet_report = XPSRUNet.from_sd_unet(sd_unet, rngs=rngs, **kwargs, **sfa_overrides(model_config))
     controlnet, controlnet_report = XPSRControlNet.from_unet(unet, rngs=rngs, **kwargs)
     return unet, controlnet, {"unet": unet_report, "controlnet": controlnet_report}
 
 
-def _check_release_config(unet: XPSRUNet, model_config: Mapping[str, Any] | None, init_from: str) -> None:
-    for key, wanted in _sfa_overrides(model_config).items():
+def check_release_config(unet: XPSRUNet, model_config: Mapping[str, Any] | None, init_from: str) -> None:
+    for key, wanted in sfa_overrides(model_config).items():
         stored = getattr(unet.config, key)
         normalised = tuple(bool(v) for v in stored) if isinstance(stored, (list, tuple)) else bool(stored)
         if normalised != wanted:
@@ -106,20 +106,15 @@ def load_training_models(base_model: str, init_from: str = "", model_config: Map
     InitReports ({"unet": ..., "controlnet": ...}; empty with `init_from`).
     """
     base = Path(base_model)
-    _check_folder(base, SD_SUBFOLDERS, "an SD 1.5 folder", "base_model")
+    _check_folder(base, SD15_TRAINING_PARTS, "an SD 1.5 folder", "base_model")
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs)
     text_encoder = CLIPTextEncoder.from_pretrained(base, subfolder="text_encoder", **kwargs)
     if init_from:
         _check_folder(Path(init_from), ("unet", "controlnet"), "an XPSR release or orbax inference checkpoint",
                       "init_from")
-        if _is_inference_checkpoint(init_from):
-            from xpsr_jax.export.inference_checkpoint import load_inference_checkpoint
-
-            unet, controlnet = load_inference_checkpoint(init_from, **kwargs)
-        else:
-            unet, controlnet = load_xpsr(init_from, **kwargs)
-        _check_release_config(unet, model_config, init_from)
+        unet, controlnet = load_xpsr_networks(init_from, **kwargs)
+        check_release_config(unet, model_config, init_from)
         init_reports: dict[str, InitReport] = {}
         logger.info("UNet and ControlNet loaded from %s", init_from)
     else:

@@ -21,8 +21,16 @@ from typing import Any, NamedTuple
 import cv2
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
+from xpsr_jax.cli_config import load_config_file
 from xpsr_jax.data import images as image_io
+from xpsr_jax.inference.pipeline import XPSRPipeline
+from xpsr_jax.inference.sampling import split_networks
+from xpsr_jax.models import load_clip_tokenizer
+from xpsr_jax.schedulers import load_scheduler_config
+from xpsr_jax.training.step import merge_models
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -83,7 +91,6 @@ def _host_copy(tree: Any) -> Any:
     """Numpy copy of a tree of (possibly cross-process sharded) arrays; every process calls it."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
 
@@ -100,14 +107,9 @@ class Validator:
         self.pipeline = None
 
     def _infer_config(self):
-        from xpsr_jax.train import load_config_file
-
         return load_config_file(self.config.validation.infer_config)
 
     def _build(self, models) -> None:
-        from xpsr_jax.inference.pipeline import XPSRPipeline
-        from xpsr_jax.models import load_clip_tokenizer
-        from xpsr_jax.schedulers import load_scheduler_config
 
         base = Path(self.config.base_model)
         self.pipeline = XPSRPipeline(
@@ -117,10 +119,7 @@ class Validator:
             config=self._infer_config(), devices=jax.local_devices())
 
     def __call__(self, step: int, graphdefs, params, frozen) -> Path | None:
-        from flax import nnx
 
-        from xpsr_jax.inference.sampling import split_networks
-        from xpsr_jax.training.step import merge_models
 
         # Every process joins the gathers (the same ones on every process), then only 0 samples.
         params = _host_copy(params)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

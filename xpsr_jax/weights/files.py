@@ -6,7 +6,10 @@ import json
 import os
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 
 class WeightFileError(FileNotFoundError):
@@ -41,7 +44,6 @@ def resolve_weights_file(folder: str | os.PathLike, stem: str) -> Path:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
 
     tensors = {}
     with safe_open(str(path), framework="numpy") as handle:
@@ -56,7 +58,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     try:
-        import torch
+        import torch  # lazy: optional; only legacy .bin checkpoints need PyTorch
     except ImportError as error:
         raise WeightFileError(
             f"{path}: reading PyTorch .bin checkpoints needs PyTorch; install it with "
@@ -69,7 +71,6 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()
         if tensor.dtype == torch.bfloat16:
-            import ml_dtypes
 
             out[name] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
@@ -100,7 +101,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def write_state_dict(path: str | os.PathLike, state: dict[str, np.ndarray]) -> None:
     """Write a safetensors file atomically (temp file + rename: a crash never leaves half a file)."""
-    from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

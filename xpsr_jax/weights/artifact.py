@@ -19,11 +19,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax import export
+from safetensors.flax import load_file
 
-from xpsr_jax.export.formats import MANIFEST, STABLEHLO, WeightsFormatError, read_manifest
+from xpsr_jax.weights.formats import MANIFEST, STABLEHLO, WeightsFormatError, read_manifest
 
-METADATA = "metadata.json"  # the names stablehlo.py writes (not imported: it is the exporter)
+METADATA = "metadata.json"  # the artifact's description of its programs (written by export/stablehlo.py)
 PROMPT_FIELDS = ("highlevel", "highlevel_negative", "lowlevel", "lowlevel_negative")
 
 
@@ -87,7 +90,6 @@ class StableHLOArtifact:
                 f"weights {self.metadata['weights_mode']}, {self.config['sampler']} x {len(self.timesteps)})")
 
     def _check_platform(self) -> None:
-        import jax
 
         platforms = self.metadata["platforms"]
         if jax.default_backend() not in platforms:
@@ -113,8 +115,6 @@ class StableHLOArtifact:
 
     def _callable(self, entry: dict):
         if entry["file"] not in self._callables:
-            import jax
-            from jax import export
 
             file = self.path / entry["file"]
             if not file.is_file():
@@ -133,7 +133,6 @@ class StableHLOArtifact:
             if self.metadata["weights_mode"] == "baked":
                 self._weights = {}
             else:
-                from safetensors.flax import load_file
 
                 file = self.path / self.metadata["weights_file"]
                 if not file.is_file():
@@ -194,7 +193,7 @@ class StableHLOArtifact:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import CLIPTokenizer
+            from transformers import CLIPTokenizer  # lazy: seconds to import; only prompts given as text
 
             folder = self.path / self.metadata["prompts"]["tokenizer"]
             if not folder.is_dir():
@@ -221,7 +220,6 @@ class StableHLOArtifact:
     @staticmethod
     def keys_from_seeds(seeds: Sequence[int]) -> np.ndarray:
         """uint32 (B, 2): each image's key data from its seed, as XPSRPipeline derives them."""
-        import jax
 
         return np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
 

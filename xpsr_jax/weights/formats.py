@@ -1,4 +1,5 @@
-"""What kind of weights a folder holds, told apart without loading anything.
+"""What kind of weights a folder holds, told apart without loading anything, and the checksums
+that exports record.
 
 Every export writes `manifest.json` with a "format" key; an official-layout release from
 elsewhere has none and is recognised by its unet/ and controlnet/ subfolders.
@@ -6,6 +7,7 @@ elsewhere has none and is recognised by its unet/ and controlnet/ subfolders.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +17,11 @@ RELEASE = "release"  # official layout: unet/ + controlnet/ (config.json + safet
 ORBAX_INFERENCE = "orbax-inference"  # inference-only orbax checkpoint of the UNet and ControlNet
 STABLEHLO = "stablehlo"  # serialized jax.export artifact
 FORMATS = (RELEASE, ORBAX_INFERENCE, STABLEHLO)
+
+# The Stable Diffusion 1.5 folder layout (diffusers' `save_pretrained` of the pipeline): what
+# inference reads besides the two XPSR networks, and what training reads from `base_model`.
+SD15_INFERENCE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+SD15_TRAINING_PARTS = ("unet", "vae", "text_encoder")
 
 
 class WeightsFormatError(FileNotFoundError):
@@ -49,3 +56,17 @@ def detect_weights_format(folder: str | os.PathLike) -> str:
         f"{folder}: not XPSR weights: expected an official-layout release (unet/ and controlnet/), "
         f"or an export of `python -m xpsr_jax.export` (with {MANIFEST}); found "
         f"{sorted(p.name for p in folder.iterdir())[:10]}")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_checksums(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` (sorted; `skip`: top-level names)."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] not in skip}
