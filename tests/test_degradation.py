@@ -10,6 +10,8 @@ import pytest
 from scipy import stats
 
 from xpsr_jax.data import degradation as deg
+from xpsr_jax.data.degradation import __main__ as degradation_cli
+from xpsr_jax.data.degradation import apply as degradation_apply
 from xpsr_jax.data import kernels as kern
 
 
@@ -294,7 +296,7 @@ def test_apply_plan_runs_the_reference_sequence(monkeypatch):
             calls.append((name, img.shape[:2]))
             return fn(img, *args, **kwargs)
 
-        monkeypatch.setattr(deg, name, wrapped)
+        monkeypatch.setattr(degradation_apply, name, wrapped)  # the references the plan runner calls
 
     ops = ("usm_sharpen", "blur", "resize", "jpeg_compress")
     ops += ("add_gaussian_noise", "add_poisson_noise")
@@ -440,7 +442,7 @@ def test_config_validation_reports_missing_keys():
 def test_cli_writes_lr_and_prints_params(tmp_path, capsys):
     src, dst = tmp_path / "hr.png", tmp_path / "lr.png"
     cv2.imwrite(str(src), _textured(66, width=64))  # 66 rows: cropped to 64
-    deg.main(["--image", str(src), "--out", str(dst), "--seed", "1", "--example-id", "2"])
+    degradation_cli.main(["--image", str(src), "--out", str(dst), "--seed", "1", "--example-id", "2"])
     lr = cv2.imread(str(dst))
     assert lr.shape == (16, 16, 3)
     params = json.loads(capsys.readouterr().out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tensorboard_events import read_events, read_scalars
 from train_cli_fixtures import REPO, build_tiny_setup, tiny_config
 from xpsr_jax.training import checkpoint as checkpoint_lib
 from xpsr_jax.training import config as train_config
@@ -39,32 +40,7 @@ def losses(workdir: Path) -> dict[int, dict[str, float]]:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def _protobuf_event_class():
-    """An Event / Summary message class built at run time from a descriptor (field numbers of
-    tensorflow/core/util/event.proto and summary.proto): an independent decoder of our bytes."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    file = descriptor_pb2.FileDescriptorProto(name="xpsr_test_event.proto", package="xt")
-    value = file.message_type.add(name="Value")
-    value.field.add(name="tag", number=1, type=9, label=1)
-    value.field.add(name="simple_value", number=2, type=2, label=1)
-    summary = file.message_type.add(name="Summary")
-    summary.field.add(name="value", number=1, type=11, label=3, type_name=".xt.Value")
-    session = file.message_type.add(name="SessionLog")
-    session.field.add(name="status", number=1, type=5, label=1)
-    event = file.message_type.add(name="Event")
-    event.field.add(name="wall_time", number=1, type=1, label=1)
-    event.field.add(name="step", number=2, type=3, label=1)
-    event.field.add(name="file_version", number=3, type=9, label=1)
-    event.field.add(name="summary", number=5, type=11, label=1, type_name=".xt.Summary")
-    event.field.add(name="session_log", number=6, type=11, label=1, type_name=".xt.SessionLog")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("xt.Event"))
-
-
 def test_event_files_and_metrics_jsonl_round_trip_and_resume(tmp_path):
-    assert metrics_lib.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     writer = metrics_lib.MetricsWriter(tmp_path)
     for step in (1, 2, 3):
         writer.write(step, {"loss": 1.0 / step, "grad_norm": 2.0 * step})
@@ -76,27 +52,27 @@ def test_event_files_and_metrics_jsonl_round_trip_and_resume(tmp_path):
 
     records = metrics_lib.read_metrics_jsonl(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.75)]
-    scalars = metrics_lib.read_scalars(tmp_path / "tensorboard")
+    scalars = read_scalars(tmp_path / "tensorboard")
     assert scalars["loss"] == {1: 1.0, 2: 0.75}
     assert scalars["grad_norm"] == {1: 2.0, 2: -1.5}
 
-    event_class = _protobuf_event_class()
     files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(files) == 2
-    decoded = [event_class.FromString(p) for p in metrics_lib.read_tfrecords(files[0])]
-    assert decoded[0].file_version == "brain.Event:2"
-    assert [(e.step, [(v.tag, v.simple_value) for v in e.summary.value]) for e in decoded[1:]] == [
-        (1, [("loss", 1.0), ("grad_norm", 2.0)]), (2, [("loss", 0.5), ("grad_norm", 4.0)]),
-        (3, [("loss", pytest.approx(1 / 3)), ("grad_norm", 6.0)])]
-    resumed = [event_class.FromString(p) for p in metrics_lib.read_tfrecords(files[1])]
-    assert resumed[1].step == 2 and resumed[1].session_log.status == 1  # START purges >= 2
+    first = read_events(files[0])
+    assert first[0].file_version == "brain.Event:2"
+    logged = [(e.step, [(v.tag, v.simple_value) for v in e.summary.value]) for e in first[1:]]
+    assert logged == [(1, [("loss", 1.0)]), (1, [("grad_norm", 2.0)]), (2, [("loss", 0.5)]),
+                      (2, [("grad_norm", 4.0)]), (3, [("loss", pytest.approx(1 / 3))]), (3, [("grad_norm", 6.0)])]
+    resumed = read_events(files[1])
+    starts = [e for e in resumed if e.HasField("session_log")]
+    assert [(e.step, e.session_log.status) for e in starts] == [(2, 1)]  # START purges >= 2
 
     # A flipped payload byte is caught by the record CRC.
     data = bytearray(files[0].read_bytes())
     data[20] ^= 0xFF
     files[0].write_bytes(bytes(data))
     with pytest.raises(ValueError, match="CRC"):
-        list(metrics_lib.read_tfrecords(files[0]))
+        read_events(files[0])
 
 
 # ----------------------------------------------------------------------------- data position

@@ -89,7 +89,7 @@ def test_tiny_config_trains_and_its_loss_decreases(reference_run):
     for text in ("devices: 4 x cpu", "mesh: {'data': 4, 'fsdp': 1}", "global batch: 4",
                  "trainable", "frozen", "hr_target", "compiled the train step"):
         assert text in done.stdout, (text, done.stdout)
-    scalars = metrics_lib.read_scalars(workdir / "tensorboard")
+    scalars = read_scalars(workdir / "tensorboard")
     assert set(scalars) >= {"loss", "mse", "dfc", "learning_rate", "grad_norm",
                             "images_per_second"}
     assert scalars["loss"] == {s: pytest.approx(v["loss"], rel=1e-6) for s, v in curve.items()}

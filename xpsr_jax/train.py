@@ -19,8 +19,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from xpsr_jax.cli_config import ConfigFlagError, resolve_config_args, split_config_args
+from xpsr_jax.distributed import DistributedOptions
 from xpsr_jax.training.config import ConfigError
-from xpsr_jax.training.loop import DistributedOptions, TrainingDiverged, train
+from xpsr_jax.training.loop import TrainingDiverged, train
 
 USAGE = ("usage: python train.py --config configs/train.py[:variant] --workdir DIR "
          "[--config.KEY=VALUE ...]")

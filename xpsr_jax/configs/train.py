@@ -22,7 +22,6 @@ from ml_collections import config_dict
 from xpsr_jax.data.pipeline import default_pipeline_config
 
 VARIANTS = ("tiny", "released_prompts")
-REMAT_POLICIES = ("none", "attention", "full")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:

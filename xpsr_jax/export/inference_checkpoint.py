@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+from xpsr_jax.models.dtypes import DTYPE_NAMES
 from xpsr_jax.models.loading import NETWORKS, STATE_DIR, load_xpsr
 from xpsr_jax.weights.formats import (
     MANIFEST,
@@ -46,7 +47,7 @@ from xpsr_jax.weights.formats import (
 )
 
 BASE_PARTS = SD15_INFERENCE_PARTS  # what --sd15 copies: everything inference needs besides the two networks
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = DTYPE_NAMES
 MANIFEST_VERSION = 1
 
 

@@ -36,20 +36,21 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+from xpsr_jax.models.dtypes import DTYPE_NAMES
+from xpsr_jax.models.dtypes import DTYPES as DTYPES_BY_NAME
 from xpsr_jax.models.loading import abstract_network, load_inference_checkpoint
 from xpsr_jax.models.unet import UNet2DCondition
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
 from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
 from xpsr_jax.training.checkpoint import CHECKPOINT_DIR, finalized_steps
 from xpsr_jax.training.models import check_release_config, sfa_overrides
-from xpsr_jax.training.step import DTYPES as TRAIN_DTYPES
 from xpsr_jax.training.trainable import split_trainable
 from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict
 from xpsr_jax.weights.files import read_state_dict, resolve_weights_file, write_state_dict
 from xpsr_jax.weights.fingerprints import init_from_fingerprint, weights_fingerprint
 from xpsr_jax.weights.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format, folder_checksums
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = DTYPE_NAMES
 NETWORKS = ("unet", "controlnet")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -290,7 +291,7 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
         networks = load_base_networks(base, train_config)
     except (OSError, ValueError) as error:
         raise ExportError(f"{base.kind} {str(base.path)!r}: cannot load the frozen base ({error})") from error
-    param_dtype = TRAIN_DTYPES.get(train_config.get("precision", {}).get("param_dtype", "float32"), jnp.float32)
+    param_dtype = DTYPES_BY_NAME.get(train_config.get("precision", {}).get("param_dtype", "float32"), jnp.float32)
     unet, controlnet = restore_trainable(checkpoint, networks, ema=ema, param_dtype=param_dtype)
     manifest = {"format": RELEASE, "version": 1, "source": str(checkpoint), "source_format": "orbax-train",
                 "step": int(meta["step"]), "ema": bool(ema), "dtype": dtype, "config": train_config,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, split_config_args
 from xpsr_jax.data.images import IMAGE_SUFFIXES, ImageReadError, read_rgb, write_png_atomic
+from xpsr_jax.distributed import DistributedOptions, initialize_distributed
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
 from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr, resize_output
@@ -127,12 +128,8 @@ def load_lr(path: Path) -> np.ndarray:
 
 
 def _init_distributed(args) -> None:
-    if args.num_processes > 1:
-        # Inference needs no cross-process collectives, but CPU processes still need a
-        # collectives backend to join a distributed run.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+    initialize_distributed(DistributedOptions(coordinator_address=args.coordinator_address,
+                                              num_processes=args.num_processes, process_id=args.process_id))
 
 
 def run(args, config, artifact=None) -> int:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
+from xpsr_jax.models.dtypes import DTYPE_NAMES
 from xpsr_jax.schedulers import SAMPLERS
 
 INIT_MODES = ("lr_latent", "noise")
 COLOR_FIXES = ("adain", "wavelet", "none")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = DTYPE_NAMES
 FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 TIMESTEP_SPACINGS = ("", "leading", "linspace", "trailing")
 

@@ -14,12 +14,12 @@ from ml_collections import config_dict
 
 from xpsr_jax.data.pipeline import validate_pipeline_config
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
+from xpsr_jax.models.dtypes import DTYPE_NAMES
+from xpsr_jax.training.models import REMAT_POLICIES
+from xpsr_jax.training.optimizer import validate_optimizer_config
 from xpsr_jax.weights.fingerprints import init_from_fingerprint, weights_fingerprint
 
-DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULES = ("constant", "cosine")
 LOSS_SCALINGS = ("none", "dynamic")
-REMAT_POLICIES = ("none", "attention", "full")
 # What base_model must hold: subfolder -> a file that proves it is there.
 BASE_MODEL_PARTS = {
     "unet": "config.json",
@@ -154,33 +154,15 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
     _check_int(config, "keep_checkpoints", 1)
     _check_int(config, "seed", 0)
 
-    optimizer = config.optimizer
-    # 0 is allowed: the weights then stay as loaded (AdamW's decay is scaled by it too), which
-    # checks a pipeline end to end (init_from -> train -> export gives the same bytes).
-    if not optimizer.learning_rate >= 0:
-        raise _bad("optimizer.learning_rate", optimizer.learning_rate, "a number >= 0")
-    for key in ("b1", "b2"):
-        if not 0 <= optimizer[key] < 1:
-            raise _bad(f"optimizer.{key}", optimizer[key], "a number in [0, 1)")
-    if not optimizer.weight_decay >= 0:
-        raise _bad("optimizer.weight_decay", optimizer.weight_decay, "a number >= 0")
-    if not optimizer.eps > 0:
-        raise _bad("optimizer.eps", optimizer.eps, "a number > 0")
-    _check_choice(config, "optimizer.schedule", SCHEDULES)
-    _check_int(config, "optimizer.warmup_steps", 0)
-    if optimizer.warmup_steps >= config.total_steps:
-        raise _bad("optimizer.warmup_steps", optimizer.warmup_steps,
-                   f"an integer < total_steps={config.total_steps}")
-    if not optimizer.grad_clip_norm >= 0:
-        raise _bad("optimizer.grad_clip_norm", optimizer.grad_clip_norm, "a number >= 0 (0 = off)")
-    _check_int(config, "optimizer.gradient_accumulation_steps", 1)
-    if not 0 <= optimizer.ema_decay < 1:
-        raise _bad("optimizer.ema_decay", optimizer.ema_decay, "a number in [0, 1) (0 = off)")
+    try:
+        validate_optimizer_config(config.optimizer, config.total_steps)
+    except (ValueError, KeyError) as error:
+        raise ConfigError(f"train config: {str(error).strip(chr(34) + chr(39))}") from error
     if not config.loss.dfc_weight >= 0:
         raise _bad("loss.dfc_weight", config.loss.dfc_weight, "a number >= 0")
 
     for key in ("param_dtype", "compute_dtype", "frozen_dtype"):
-        _check_choice(config, f"precision.{key}", DTYPES)
+        _check_choice(config, f"precision.{key}", DTYPE_NAMES)
     _check_choice(config, "precision.loss_scaling", LOSS_SCALINGS)
     if config.precision.compute_dtype == "float16" and config.precision.loss_scaling != "dynamic":
         # float16 gradients of the small DFC / MSE terms underflow to zero without scaling
@@ -195,7 +177,7 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
         raise _bad("mesh.fsdp", -1, "an integer >= 1 when mesh.data is -1")
 
     for key in ("unet", "controlnet"):
-        _check_choice(config, f"remat.{key}", REMAT_POLICIES)
+        _check_choice(config, f"remat.{key}", tuple(REMAT_POLICIES))
     _check_choice(config, "attention_backend", ATTENTION_BACKENDS)
 
     _check_int(config, "validation.every", 0)

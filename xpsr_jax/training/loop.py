@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 from xpsr_jax.data import tfds_builder
 from xpsr_jax.data.pipeline import make_train_iterator
+from xpsr_jax.distributed import DistributedOptions, initialize_distributed
+from xpsr_jax.models.dtypes import dtype_from_name
 from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
 from xpsr_jax.training import config as train_config
 from xpsr_jax.training.checkpoint import (
@@ -52,7 +54,6 @@ from xpsr_jax.training.models import load_training_models
 from xpsr_jax.training.sharding import global_batch, make_mesh
 from xpsr_jax.training.step import (
     create_train_state,
-    dtype_from_config,
     format_memory_estimate,
     make_train_step,
     memory_estimate,
@@ -66,18 +67,6 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DistributedOptions:
-    """How to join a multi-process run; `None` fields come from JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES, JAX_PROCESS_ID. auto=True calls jax.distributed.initialize() with JAX's
-    cluster auto-detection (TPU pods, SLURM, ...)."""
-
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    auto: bool = False
-
-
 @dataclasses.dataclass
 class TrainResult:
     start_step: int
@@ -86,36 +75,6 @@ class TrainResult:
     compile_seconds: float = 0.0
 
 
-_DISTRIBUTED_STARTED = False
-
-
-def initialize_distributed(options: DistributedOptions | None = None) -> bool:
-    """jax.distributed.initialize when more than one process is configured; True if it ran."""
-    global _DISTRIBUTED_STARTED
-    options = options or DistributedOptions()
-    address = options.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    count = options.num_processes
-    if count is None and os.environ.get("JAX_NUM_PROCESSES"):
-        count = int(os.environ["JAX_NUM_PROCESSES"])
-    process_id = options.process_id
-    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    if _DISTRIBUTED_STARTED:
-        return True
-    if options.auto:
-        jax.distributed.initialize()
-    elif count is not None and count > 1:
-        if not address or process_id is None:
-            raise ValueError(f"{count} processes need a coordinator address and a process id "
-                             f"(got coordinator_address={address!r}, process_id={process_id!r})")
-        # CPU collectives across processes (harmless for GPU / TPU clients).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                                   process_id=process_id)
-    else:
-        return False
-    _DISTRIBUTED_STARTED = True
-    return True
 
 
 def _say(message: str) -> None:
@@ -228,8 +187,8 @@ def train(config, workdir: str | os.PathLike, *,
 
     models = load_training_models(
         config.base_model, config.init_from, config.model.to_dict(),
-        dtype=dtype_from_config(config.precision.compute_dtype, "precision.compute_dtype"),
-        param_dtype=dtype_from_config(config.precision.param_dtype, "precision.param_dtype"),
+        dtype=dtype_from_name(config.precision.compute_dtype, "precision.compute_dtype"),
+        param_dtype=dtype_from_name(config.precision.param_dtype, "precision.param_dtype"),
         attention_backend=config.attention_backend, remat_unet=config.remat.unet,
         remat_controlnet=config.remat.controlnet, seed=int(config.seed))
     state, frozen, graphdefs = create_train_state(models, config, mesh)

@@ -8,6 +8,7 @@ lr * wd * p, eps added to sqrt(v_hat)); clipping differs only in torch's +1e-6 i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -27,34 +28,42 @@ def _get(config: Any, key: str) -> Any:
 
 
 def validate_optimizer_config(config: Any, total_steps: int) -> None:
-    """Raise ValueError naming the key, the bad value and what is valid."""
+    """The one check of the optimizer settings (the training config's validation calls it):
+    ValueError naming the key, the bad value and what is valid."""
     def bad(key: str, valid: str) -> ValueError:
-        return ValueError(f"optimizer.{key}={_get(config, key)!r} is invalid; expected {valid}")
+        return ValueError(f"optimizer.{key}={_get(config, key)!r} is invalid; valid: {valid}")
 
     for key in OPTIMIZER_KEYS:
         _get(config, key)
-    if not float(config["learning_rate"]) >= 0:  # 0: the weights stay (decay is scaled by it too)
+    for key in OPTIMIZER_KEYS:
+        value = config[key]
+        if key != "schedule" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise bad(key, "a finite number")
+    for key in ("warmup_steps", "gradient_accumulation_steps"):
+        if not isinstance(config[key], int):
+            raise bad(key, "an integer")
+    # 0 is allowed: the weights then stay as loaded (AdamW's decay is scaled by it too), which
+    # checks a pipeline end to end (init_from -> train -> export gives the same bytes).
+    if not float(config["learning_rate"]) >= 0:
         raise bad("learning_rate", "a float >= 0")
     for key in ("b1", "b2"):
         if not 0 <= float(config[key]) < 1:
             raise bad(key, "a float in [0, 1)")
-    if float(config["weight_decay"]) < 0:
+    if not float(config["weight_decay"]) >= 0:
         raise bad("weight_decay", "a float >= 0")
     if not float(config["eps"]) > 0:
         raise bad("eps", "a positive float")
     if config["schedule"] not in SCHEDULES:
         raise bad("schedule", f"one of {SCHEDULES}")
-    if int(config["warmup_steps"]) < 0:
-        raise bad("warmup_steps", "an int >= 0")
-    if float(config["grad_clip_norm"]) < 0:
+    if not 0 <= int(config["warmup_steps"]) < int(total_steps):
+        raise bad("warmup_steps", f"an integer >= 0 and < total_steps={total_steps}")
+    if not float(config["grad_clip_norm"]) >= 0:
         raise bad("grad_clip_norm", "a float >= 0 (0 = off)")
     if int(config["gradient_accumulation_steps"]) < 1:
         raise bad("gradient_accumulation_steps", "an int >= 1")
     if not 0 <= float(config["ema_decay"]) < 1:
         raise bad("ema_decay", "a float in [0, 1) (0 = off)")
-    if config["schedule"] == "cosine" and int(total_steps) <= int(config["warmup_steps"]):
-        raise ValueError(f"optimizer.schedule='cosine' needs total_steps ({total_steps}) > "
-                         f"optimizer.warmup_steps ({config['warmup_steps']})")
 
 
 def make_learning_rate_schedule(config: Any, total_steps: int) -> optax.Schedule:

@@ -80,10 +80,6 @@ def tree_shardings(tree: Any, mesh: Mesh, *, shard: bool) -> Any:
     return jax.tree.map(one, tree)
 
 
-def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
-    return {key: batch_sharding(mesh) for key in batch}
-
-
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """The global batch from this process's share (each process passes its own rows).
 

@@ -21,6 +21,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from xpsr_jax.models.dtypes import dtype_from_name
 from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
 from xpsr_jax.training.loss_scale import all_finite, initial_loss_scale, scaled_value_and_grad, update_loss_scale
 from xpsr_jax.training.models import XPSRModels
@@ -29,7 +30,6 @@ from xpsr_jax.training.sharding import batch_sharding, replicated, tree_sharding
 from xpsr_jax.training.trainable import MODEL_NAMES, split_trainable
 
 TRAINABLE_MODELS = ("unet", "controlnet")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LOSS_SCALING = ("none", "dynamic")
 
 
@@ -61,12 +61,6 @@ class CompiledTrainStep(NamedTuple):
 
     def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
         return self.compiled(state, frozen, batch)
-
-
-def dtype_from_config(name: str, key: str) -> Any:
-    if name not in DTYPES:
-        raise ValueError(f"{key}={name!r} is not a supported dtype; valid: {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def _cast_floats(tree: Any, dtype: Any) -> Any:
@@ -118,8 +112,8 @@ def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[Tra
     The optimizer state is initialised under jit straight into its sharding.
     """
     _check_precision(config)
-    param_dtype = dtype_from_config(config.precision.param_dtype, "precision.param_dtype")
-    frozen_dtype = dtype_from_config(config.precision.frozen_dtype, "precision.frozen_dtype")
+    param_dtype = dtype_from_name(config.precision.param_dtype, "precision.param_dtype")
+    frozen_dtype = dtype_from_name(config.precision.frozen_dtype, "precision.frozen_dtype")
     graphdefs, params, frozen = split_models(models)
     params = _cast_floats(params, param_dtype)
     frozen = _cast_floats(frozen, frozen_dtype)
