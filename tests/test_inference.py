@@ -365,7 +365,9 @@ def test_cli_rerun_skips_finished_outputs(cli_run, tiny, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in cli_run.out.iterdir()}
     code = main(cli_args(tiny, cli_run.folder, cli_run.out, cli_run.captions))
     assert code == 1  # the bad inputs still fail
-    assert "6 already done, 0 to run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 already done, 0 to run" in out
+    assert out.rstrip().endswith(f"wrote 0 image(s) to {cli_run.out}; 6 already there; 4 failed"), out
     assert {p.name: p.stat().st_mtime_ns for p in cli_run.out.iterdir()} == before
 
 
@@ -427,3 +429,48 @@ def test_cli_refuses_inputs_whose_outputs_would_collide(tmp_path, capsys):
     assert code == 2 and "2 output name(s) would be written by more than one input" in err, err
     assert "a.jpg and a.png -> a.png" in err and "c.bmp and c.webp -> c.png" in err and "b.png" not in err
     assert not out.exists()
+
+
+def test_output_names_and_finished_outputs(tmp_path, capsys):
+    """--output naming a .png writes that file for one input and is refused for a folder (no folder
+    named x.png appears); an existing output counts as done only if it decodes."""
+    from xpsr_jax.inference.cli import is_finished_output, main, output_paths
+
+    one, two = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    assert output_paths(tmp_path / "sr.png", [one]) == [tmp_path / "sr.png"]
+    assert output_paths(tmp_path / "out", [one, two]) == [tmp_path / "out" / "a.png", tmp_path / "out" / "b.png"]
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    for index in range(2):
+        Image.fromarray(lr_image(index)).save(folder / f"{index}.png")
+    for output, message in ((tmp_path / "x.png", "looks like an image file name; outputs are PNGs, so give a "
+                             "folder for 2 inputs"), (tmp_path / "x.jpg", "looks like an image file name")):
+        code = main(["--weights", str(tmp_path / "w"), "--input", str(folder), "--output", str(output),
+                     "--highlevel-prompt", "a", "--lowlevel-prompt", "b"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--output {output}: {message}" in err, err
+        assert not output.exists()
+    done = tmp_path / "done.png"
+    Image.fromarray(lr_image(3)).save(done)
+    empty, torn = tmp_path / "empty.png", tmp_path / "torn.png"
+    empty.write_bytes(b"")
+    torn.write_bytes(done.read_bytes()[:40])
+    assert is_finished_output(done) and not is_finished_output(empty) and not is_finished_output(torn)
+    assert not is_finished_output(tmp_path / "missing.png")
+
+
+def test_one_rule_for_the_lowlevel_prompt_folder(tmp_path):
+    from xpsr_jax.inference.prompts import lowlevel_prompt_folder
+
+    def layout(*names):
+        root = tmp_path / "_".join(names or ("none",))
+        for name in ("LR", *names):
+            (root / name).mkdir(parents=True)
+        return root
+
+    assert lowlevel_prompt_folder(layout("lowlevel_prompt_q", "lowlevel_prompt")) == "lowlevel_prompt_q"
+    assert lowlevel_prompt_folder(layout("lowlevel_prompt")) == "lowlevel_prompt"
+    assert lowlevel_prompt_folder(layout()) is None
+    with pytest.raises(ValueError, match=r"several low-level prompt folders \['lowlevel_prompt_a', "
+                                         r"'lowlevel_prompt_b'\] and no lowlevel_prompt_q/"):
+        lowlevel_prompt_folder(layout("lowlevel_prompt_a", "lowlevel_prompt_b"))

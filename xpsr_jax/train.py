@@ -13,12 +13,13 @@ stopped by SIGTERM with a checkpoint saved, 1 diverged (non-finite step), 2 bad 
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
-from xpsr_jax.cli_config import ConfigFlagError, resolve_config_args, split_config_args
+from xpsr_jax.cli_config import ConfigFlagError, load_config_file, resolve_config_args, split_config_args
 from xpsr_jax.distributed import DistributedOptions
 from xpsr_jax.training.config import ConfigError
 from xpsr_jax.training.loop import TrainingDiverged, train
@@ -29,6 +30,42 @@ USAGE = ("usage: python train.py --config configs/train.py[:variant] --workdir D
 
 class UsageError(ValueError):
     """A bad command line; the message is one line."""
+
+
+HELP = """{usage}
+
+Train XPSR (ControlNet + the UNet's SFA and pixel attentions) on a TFDS dataset; rerunning the
+same command resumes from the latest checkpoint in --workdir.
+
+flags:
+  --config FILE.py[:variant]   training config (required); the packaged one is configs/train.py,
+                               variants: tiny, released_prompts
+  --config.KEY=VALUE           override a config value (the config is locked: unknown keys fail)
+  --workdir DIR                run folder: checkpoints/, metrics.jsonl, tensorboard/, config.json
+  --coordinator_address H:P  multi-process: process 0's address (or JAX_COORDINATOR_ADDRESS)
+  --num_processes N            multi-process: number of processes (or JAX_NUM_PROCESSES)
+  --process_id I               multi-process: this process's index (or JAX_PROCESS_ID)
+  --distributed_auto           jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)
+
+config keys (configs/train.py; reference: docs/configuration.md, docs/training.md):
+  {keys}
+
+example:
+  python train.py --config configs/train.py:tiny --workdir runs/tiny \\
+      --config.base_model=tiny/sd15 --config.pipeline.data_dir=tfds
+
+exit status: 0 done (or stopped by SIGTERM with a checkpoint saved), 1 diverged, 2 bad input."""
+
+
+def help_text() -> str:
+    config = load_config_file("configs/train.py")
+    keys = []
+    for key, value in sorted(config.items()):
+        if isinstance(value, config_dict.ConfigDict):
+            keys.append(f"{key}.{{{', '.join(sorted(value.keys()))}}}")
+        else:
+            keys.append(key)
+    return HELP.format(usage=USAGE, keys=textwrap.fill(", ".join(keys), 96, subsequent_indent="  "))
 
 
 def parse_command_line(argv: Sequence[str]):
@@ -68,6 +105,9 @@ def parse_command_line(argv: Sequence[str]):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+        print(help_text())
+        return 0
     try:
         config, workdir, distributed = parse_command_line(argv)
         train(config, workdir, distributed=distributed)

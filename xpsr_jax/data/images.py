@@ -92,12 +92,32 @@ def rgb_png_bytes_of_file(path: str | os.PathLike) -> bytes:
     return encode_png(read_rgb(path))
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, so no other thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_file_mode() -> int:
+    """The permissions a plain `open(path, "w")` gives a new file (mkstemp's are 0600)."""
+    return 0o666 & ~current_umask()
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` through a temp file in the same folder and an atomic rename."""
+    """Writes `data` to `path` through a temp file in the same folder and an atomic rename; the
+    file ends with the permissions a plain write would give it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, plain_file_mode())
         with os.fdopen(handle, "wb") as temp_file:
             temp_file.write(data)
         os.replace(temp_name, path)

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from xpsr_jax.data.images import current_umask
 from xpsr_jax.weights.formats import MANIFEST, WeightsFormatError, read_manifest
 
 
@@ -132,7 +133,7 @@ def atomic_output_dir(out: str | os.PathLike, *, required_bytes: int = 0, overwr
     remove_stale_staging(out)
     tag = f"{_host()}-{os.getpid()}"
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{tag}-", dir=out.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700: end as a plain mkdir would
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700: end as a plain mkdir would
     try:
         yield staging
         if out.exists():
@@ -145,9 +146,3 @@ def atomic_output_dir(out: str | os.PathLike, *, required_bytes: int = 0, overwr
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

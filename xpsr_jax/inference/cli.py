@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from ml_collections import config_dict
+from PIL import Image
 from tqdm import tqdm
 
 from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, split_config_args
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(see configs/infer.py).", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="an image, a folder of images, or an official "
                         "test-set folder (LR/, highlevel_prompt/, lowlevel_prompt*/)")
-    parser.add_argument("--output", required=True, help="output folder (PNG, same names)")
+    parser.add_argument("--output", required=True, help="output folder (PNGs named after the inputs); for a "
+                        "single input image, a .png file name writes that file")
     parser.add_argument("--weights", required=True, help="an XPSR release folder (unet/, controlnet/), an orbax "
                         "inference checkpoint (python -m xpsr_jax.export orbax), or a StableHLO artifact "
                         "(python -m xpsr_jax.export stablehlo: used where it covers the recipe and the "
@@ -69,9 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--highlevel-prompt", help="one high-level prompt (caption) for every image")
     parser.add_argument("--lowlevel-prompt", help="one low-level prompt (quality description) for every image")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
+    parser.add_argument("--config", metavar="FILE.py[:VARIANT]",
+                        help="inference config (default configs/infer.py; variants validation, tiny); "
+                             "--config.KEY=VALUE overrides one value, e.g. --config.num_inference_steps=25")
     parser.add_argument("--coordinator-address", help="multi-process: host:port of process 0")
-    parser.add_argument("--num-processes", type=int, default=1)
-    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="multi-process: number of processes (each takes every N-th file)")
+    parser.add_argument("--process-id", type=int, default=0, help="multi-process: this process's index")
     return parser
 
 
@@ -106,6 +112,33 @@ def check_distinct_stems(files: Sequence[Path]) -> None:
                          "file of each pair")
 
 
+def output_paths(output: Path, files: Sequence[Path]) -> list[Path]:
+    """Where each input's PNG goes: OUTPUT/STEM.png, or OUTPUT itself when it names a .png file
+    and there is one input. An --output that looks like an image file for a folder of inputs (or
+    with another image suffix) is refused rather than made into a folder of that name."""
+    if output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
+        if output.suffix.lower() == ".png" and len(files) == 1:
+            return [output]
+        what = f"{len(files)} inputs" if len(files) != 1 else "the input"
+        raise ValueError(f"--output {output}: looks like an image file name; outputs are PNGs, so give a folder "
+                         f"for {what}" + (" (or a .png file name for one input)" if len(files) == 1 else ""))
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: exists and is not a folder")
+    return [output / f"{path.stem}.png" for path in files]
+
+
+def is_finished_output(path: Path) -> bool:
+    """An existing output counts as done only if it decodes (a zero-byte or torn file is redone)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def process_share(files: Sequence[Path], process_index: int, process_count: int) -> list[Path]:
     """This process's files: every process_count-th, so the shares have no overlap and no gap."""
     return list(files[process_index::process_count])
@@ -136,16 +169,21 @@ def run(args, config, artifact=None) -> int:
     """`artifact`: a loaded StableHLO artifact to sample with instead of the pipeline."""
     output = Path(args.output)
     files, official_root = list_inputs(Path(args.input))
+    targets = dict(zip(files, output_paths(output, files)))
     files = process_share(files, jax.process_index(), jax.process_count())
     prompts = PromptSource(official_root=official_root, captions=args.captions, highlevel=args.highlevel_prompt,
                            lowlevel=args.lowlevel_prompt, caption_source=args.caption_source)
     failures: list[tuple[Path, str]] = []
     todo, skipped = [], 0
+    redone = 0
     for path in files:
-        target = output / f"{path.stem}.png"
+        target = targets[path]
         if target.exists() and not args.overwrite:
-            skipped += 1
-            continue
+            if is_finished_output(target):
+                skipped += 1
+                continue
+            redone += 1
+            print(f"note: {target} exists but does not decode as an image; redoing it", file=sys.stderr, flush=True)
         try:
             image = load_lr(path)
             highlevel, lowlevel = prompts.prompts(path)
@@ -174,6 +212,11 @@ def run(args, config, artifact=None) -> int:
             progress.update(len(chunk))
             progress.set_postfix(img_per_s=f"{progress.n / (time.perf_counter() - start):.2f}")
         progress.close()
+    written = len(todo)
+    where = output if len(targets) != 1 or output.suffix.lower() != ".png" else output.parent
+    print(f"wrote {written} image(s) to {where}" + (f" ({redone} redone)" if redone else "")
+          + (f"; {skipped} already there" if skipped else "")
+          + (f"; {len(failures)} failed" if failures else ""), flush=True)
     return _summary(failures)
 
 

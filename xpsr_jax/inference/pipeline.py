@@ -45,7 +45,7 @@ def resolve_sd15(weights: Path, sd15: str | os.PathLike | None) -> Path:
     base = Path(sd15) if sd15 is not None else weights
     missing = [part for part in SD15_INFERENCE_PARTS if not (base / part).is_dir()]
     if missing:
-        hint = "" if sd15 is not None else " (pass sd15=<the SD 1.5 folder>)"
+        hint = "" if sd15 is not None else " (give the SD 1.5 folder: --sd15 on the command line, sd15= in Python)"
         raise WeightsFolderError(f"{base}: missing SD 1.5 subfolder(s) {missing}; the pipeline needs "
                                  f"{list(SD15_INFERENCE_PARTS)}{hint}")
     return base

@@ -1,8 +1,9 @@
 """Where an image's two prompts come from: the official folder layout, a captions JSONL, or flags.
 
 Official layout (the release's test sets): `ROOT/LR/NAME.png` with `ROOT/highlevel_prompt/NAME.txt`
-and `ROOT/lowlevel_prompt*/NAME.txt` (the release reads `lowlevel_prompt_q`); the first line of
-each file, left-stripped, as the release reads it. A captions JSONL (the `xpsr_jax.captions`
+and `ROOT/lowlevel_prompt_q/NAME.txt` (another single `lowlevel_prompt*/` folder is used when
+`lowlevel_prompt_q/` is absent: `lowlevel_prompt_folder`); the first line of each file,
+left-stripped, as the release reads it. A captions JSONL (the `xpsr_jax.captions`
 format) is keyed by image id = file stem, with the LR image's captions (`source` "lr").
 """
 
@@ -27,6 +28,19 @@ def is_official_layout(folder: Path) -> bool:
     return folder.is_dir() and (folder / OFFICIAL_LR_FOLDER).is_dir()
 
 
+def lowlevel_prompt_folder(root: Path) -> str | None:
+    """The one rule for the low-level prompt folder of an official test set: `lowlevel_prompt_q/`
+    (what the release's test.py reads) when present, else the only `lowlevel_prompt*/` folder;
+    several others are ambiguous (ValueError naming them); none gives None."""
+    candidates = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(OFFICIAL_LOWLEVEL_PREFIX))
+    if OFFICIAL_LOWLEVEL_FOLDER in candidates or not candidates:
+        return OFFICIAL_LOWLEVEL_FOLDER if candidates else None
+    if len(candidates) > 1:
+        raise ValueError(f"{root}: several low-level prompt folders {candidates} and no {OFFICIAL_LOWLEVEL_FOLDER}/; "
+                         f"rename the one to use to {OFFICIAL_LOWLEVEL_FOLDER}/")
+    return candidates[0]
+
+
 def _first_line(path: Path) -> str:
     lines = path.read_text(encoding="utf-8").splitlines()
     return lines[0].lstrip() if lines else ""
@@ -45,10 +59,7 @@ class PromptSource:
         self.caption_source = caption_source
         self.lowlevel_folder = None
         if official_root is not None:
-            candidates = sorted(p.name for p in official_root.iterdir()
-                                if p.is_dir() and p.name.startswith(OFFICIAL_LOWLEVEL_PREFIX))
-            self.lowlevel_folder = (OFFICIAL_LOWLEVEL_FOLDER if OFFICIAL_LOWLEVEL_FOLDER in candidates
-                                    else (candidates[0] if candidates else None))
+            self.lowlevel_folder = lowlevel_prompt_folder(official_root)
 
     def describe(self) -> str:
         parts = []

@@ -39,7 +39,7 @@ def parameter_counts(unet_config: UNet2DConditionConfig, *, sfa: bool = False) -
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.models.param_count", description=__doc__.splitlines()[0])
     parser.add_argument("--unet-config", help="an SD unet/config.json (default: SD 1.5's values)")
     parser.add_argument("--sfa", action="store_true", help="switch Semantic-Fusion Attention on everywhere")
     args = parser.parse_args(argv)

@@ -274,7 +274,7 @@ def write_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> TinyModelP
 
 
 def main(argv=None) -> TinyModelPaths:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.models.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder; sd15/ and xpsr/ are written inside it")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same files)")
     args = parser.parse_args(argv)
