@@ -161,6 +161,10 @@ def test_cli_pyiqa_absent_names_the_reason_and_psnr_still_runs(folders, tmp_path
     assert "none of the requested metrics can run" in stderr
     assert "psnr: full-reference metric: needs --gt" in stderr
     assert "musiq: pyiqa is not installed" in stderr
+    # One line per reason: the default metric list misses eight pyiqa metrics for the same reason.
+    code, _, stderr = _run(["--pred", str(pred_dir), "--gt", str(gt_dir)], capsys)
+    assert code == 0 and stderr.count("pyiqa is not installed") == 1, stderr
+    assert "lpips, dists, fid, niqe, musiq, maniqa_koniq, maniqa_pipal, clipiqa: pyiqa is not installed" in stderr
 
 
 class _FakePyiqaMetric:

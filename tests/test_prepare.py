@@ -204,3 +204,22 @@ def test_crop_boxes():
     tops, lefts = zip(*boxes)
     assert len(set(boxes)) > 40 and 0 <= min(tops) and max(tops) <= 38 and max(lefts) <= 68
     assert prepare.image_base_id("a b/c.png") == "a_b__c"
+
+
+def test_empty_prompts_build_a_dataset_without_a_caption_model(tmp_path, capsys):
+    """--empty-prompts: no MLLM, every prompt "" (the released script's empty high-level prompt)."""
+    write_hr_images(tmp_path / "hr", [(64, 48)])
+    assert prepare.main(args(tmp_path, "--stages", "crop,caption,build", "--empty-prompts")) == 0
+    assert "empty prompts written to" in capsys.readouterr().out
+    ids = sorted(p.stem for p in (tmp_path / "work" / "HR").glob("*.png"))
+    source = tfds.data_source("xpsr_pairs/prepared", split="train", data_dir=str(tmp_path / "tfds"))
+    examples = [source[i] for i in range(len(source))]
+    assert sorted(e["image_id"].decode() for e in examples) == ids
+    prompt_keys = [k for k in examples[0] if "prompt" in k]
+    assert len(prompt_keys) == 4 and all(e[k] == b"" for e in examples for k in prompt_keys)
+    # Without it and without a model, the caption stage names both ways out.
+    (tmp_path / "work" / "captions.jsonl").unlink()
+    with pytest.raises(SystemExit):
+        prepare.main(args(tmp_path, "--stages", "caption"))
+    err = capsys.readouterr().err
+    assert "--highlevel-model" in err and "--captions FILE" in err

@@ -203,3 +203,11 @@ def test_part_of_splits_into_disjoint_covering_parts():
     assert sum(parts, []) == items and [len(p) for p in parts] == [3, 4, 3]
     with pytest.raises(ValueError, match="part_index 3"):
         tfds_builder.part_of(items, 3, 3)
+
+
+def test_building_says_what_it_does_not_download(prepared, tmp_path, capsys):
+    work_dir, _, _ = prepared
+    tfds_builder.build_dataset(config_name="prepared", source_dir=work_dir, data_dir=tmp_path)
+    out = capsys.readouterr().out
+    assert "Downloading" not in out and "downloaded" not in out, out
+    assert "building dataset xpsr_pairs/prepared from local files into" in out, out

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -131,8 +132,13 @@ def _status(name: str, code) -> None:
         raise QuickstartError(f"stage {name} failed with exit status {code} (its error is above)")
 
 
-def _call(name: str, entry_point: Callable[[list[str]], int], argv: list[str]) -> None:
-    print(f"  $ {entry_point.__module__}.{entry_point.__name__}({argv})", flush=True)
+def _show(command: str, argv: Sequence[str]) -> None:
+    """The shell command a stage is equivalent to, ready to paste."""
+    print(f"  $ {command} {shlex.join(str(a) for a in argv)}", flush=True)
+
+
+def _call(name: str, command: str, entry_point: Callable[[list[str]], int], argv: list[str]) -> None:
+    _show(command, argv)
     try:
         code = entry_point(argv)
     except SystemExit as exit_:  # argparse errors (prepare, export)
@@ -143,6 +149,7 @@ def _call(name: str, entry_point: Callable[[list[str]], int], argv: list[str]) -
 def stage_model(paths: dict[str, Path], **_) -> dict:
 
     shutil.rmtree(paths["model"], ignore_errors=True)  # a half-written model from a killed run
+    _show("python -m xpsr_jax.models.tiny", ["--out", paths["model"]])
     model = write_tiny_model(paths["model"], seed=0)
     return {"sd15": str(model.sd15), "xpsr": str(model.xpsr)}
 
@@ -150,7 +157,7 @@ def stage_model(paths: dict[str, Path], **_) -> dict:
 def stage_data(paths: dict[str, Path], hr_dir: Path, captions: Path, crop_size: int, **_) -> dict:
 
     # --hr-target original: the stored HR is the example itself, so it is also the GT of stage 6.
-    _call("data", prepare.main, [
+    _call("data", "python -m xpsr_jax.data.prepare", prepare.main, [
         "--hr-dir", str(hr_dir), "--work-dir", str(paths["prepare"]),
         "--data-dir", str(paths["tfds"]), "--captions", str(captions),
         "--crop-size", str(crop_size), "--hr-target", "original"])
@@ -165,6 +172,11 @@ def stage_train(paths: dict[str, Path], steps: int, **_) -> dict:
     config.pipeline.data_dir = str(paths["tfds"])
     config.total_steps = steps
     config.checkpoint_every = max(1, min(100, steps))  # a kill loses at most 100 steps
+    _show("python -m xpsr_jax.train", ["--config", f"{TRAIN_CONFIG}:tiny", "--workdir", paths["train"],
+                                       f"--config.base_model={config.base_model}",
+                                       f"--config.pipeline.data_dir={config.pipeline.data_dir}",
+                                       f"--config.total_steps={steps}",
+                                       f"--config.checkpoint_every={config.checkpoint_every}"])
     try:
         result = train(config, paths["train"])
     except (ConfigFlagError, ConfigError, TrainingDiverged) as error:
@@ -183,14 +195,14 @@ def stage_train(paths: dict[str, Path], steps: int, **_) -> dict:
 def stage_export(paths: dict[str, Path], **_) -> dict:
 
     shutil.rmtree(paths["release"], ignore_errors=True)  # redo from the current checkpoint
-    _call("export", export_main, ["torch", "--workdir", str(paths["train"]),
+    _call("export", "python -m xpsr_jax.export", export_main, ["torch", "--workdir", str(paths["train"]),
                                   "--out", str(paths["release"])])
     return {"release": str(paths["release"])}
 
 
 def stage_infer(paths: dict[str, Path], captions: Path, **_) -> dict:
 
-    _call("infer", infer_main, [
+    _call("infer", "python -m xpsr_jax.infer", infer_main, [
         "--weights", str(paths["release"]), "--sd15", str(paths["model"] / "sd15"),
         "--input", str(paths["prepare"] / "LR"), "--output", str(paths["sr"]),
         "--config", f"{INFER_CONFIG}:tiny", "--captions", str(captions), "--overwrite"])
@@ -199,7 +211,7 @@ def stage_infer(paths: dict[str, Path], captions: Path, **_) -> dict:
 
 def stage_evaluate(paths: dict[str, Path], **_) -> dict:
 
-    _call("evaluate", evaluate_main, [
+    _call("evaluate", "python -m xpsr_jax.evaluate", evaluate_main, [
         "--pred", str(paths["sr"]), "--gt", str(paths["prepare"] / "HR"), "--metrics", METRICS,
         "--out", str(paths["eval"]), "--no-progress"])
     means = json.loads((paths["eval"] / "means.json").read_text())

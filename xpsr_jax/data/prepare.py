@@ -55,7 +55,8 @@ from ml_collections import config_dict
 from tqdm import tqdm
 
 from xpsr_jax.captions.cli import main as captions_main
-from xpsr_jax.captions.io import load_captions
+from xpsr_jax.captions.config import TASKS
+from xpsr_jax.captions.io import SOURCES, CaptionWriter, load_captions
 from xpsr_jax.cli_config import ConfigFlagError, load_config_file
 from xpsr_jax.data import images, tfds_builder
 from xpsr_jax.data.degradation import (
@@ -96,6 +97,10 @@ def default_prepare_config() -> config_dict.ConfigDict:
     config.hr_target = "usm"
     config.num_workers = 1  # crop-stage processes; 1: in this process
     config.captions = config_dict.placeholder(str)  # precomputed captions JSONL
+    # True: no caption model; every prompt is the empty string (the released training script
+    # feeds an empty high-level prompt; the low-level one empty too). For a first run on your
+    # own photos before any MLLM is set up.
+    config.empty_prompts = False
     config.highlevel_model = config_dict.placeholder(str)  # LLaVA-1.5 folder
     config.lowlevel_model = config_dict.placeholder(str)  # Q-Instruct folder
     config.caption_batch_size = 8
@@ -395,6 +400,16 @@ def run_caption_stage(config: config_dict.ConfigDict) -> Path:
     if not missing:
         print(f"caption: {captions_path} already covers all {len(image_ids)} crops")
         return captions_path
+    if config.empty_prompts:
+        known = load_captions(captions_path) if captions_path.is_file() else {}
+        records = [{"image_id": image_id, "source": source, "task": task, "text": "",
+                    "model": "none (--empty-prompts)", "question": ""}
+                   for image_id in image_ids for source in SOURCES for task in TASKS
+                   if (image_id, source, task) not in known]
+        with CaptionWriter(captions_path) as writer:
+            writer.write(records)
+        print(f"caption: {len(records)} empty prompts written to {captions_path} (--empty-prompts)")
+        return captions_path
 
     for task, model_key in (("highlevel", "highlevel_model"), ("lowlevel", "lowlevel_model")):
         if task not in missing:
@@ -402,7 +417,7 @@ def run_caption_stage(config: config_dict.ConfigDict) -> Path:
         if not config[model_key]:
             raise PrepareError(
                 f"{missing[task]} {task} captions are missing: pass "
-                f"--{model_key.replace('_', '-')} (a local model folder) or --captions FILE"
+                f"--{model_key.replace('_', '-')} (a local model folder), --captions FILE or --empty-prompts"
             )
         argv = ["--task", task, "--model", config[model_key],
                 "--lr-dir", str(work_dir / "LR"), "--hr-dir", str(work_dir / "HR"),
@@ -494,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"HR image stored: usm = USM-sharpened crop (official), original = the crop "
              f"(default: {defaults.hr_target})")
     add("--num-workers", type=int, help="crop-stage processes (default: 1, in this process)")
-    add("--captions", help="precomputed captions JSONL; the caption stage then runs no model")
+    add("--captions", help="precomputed captions JSONL (format: docs/data.md); the caption stage then runs no model")
+    add("--empty-prompts", action="store_true", default=None,
+        help="no caption model: every prompt is empty (as the released training script's high-level one)")
     add("--highlevel-model", help="local LLaVA-1.5 folder for the high-level prompts")
     add("--lowlevel-model", help="local Q-Instruct model folder for the low-level prompts")
     add("--caption-batch-size", type=int,

@@ -329,6 +329,16 @@ class XpsrPairs(tfds.core.GeneratorBasedBuilder):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
+    # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to
+    # stdout; nothing is downloaded here, so say what happens instead.
+    def _log_download_bytes(self) -> None:
+        part = f" (part {self._part_index + 1} of {self._num_parts})" if self._num_parts > 1 else ""
+        print(f"building dataset {self.name}/{self.builder_config.name}{part} from local files into "
+              f"{self.data_dir}", flush=True)
+
+    def _log_download_done(self) -> None:
+        print(f"dataset {self.name}/{self.builder_config.name} written to {self.data_dir}", flush=True)
+
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo directly: dataset_info_from_configs would read metadata files from
         # this package's folder, which holds none.

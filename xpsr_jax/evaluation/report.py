@@ -47,8 +47,12 @@ def markdown_table(result: EvaluationResult) -> str:
 
 
 def unavailable_text(result: EvaluationResult) -> str:
-    """One line per metric that could not run, with the reason; empty when all ran."""
-    return "\n".join(f"  {name}: {reason}" for name, reason in result.unavailable.items())
+    """One line per reason, naming the metrics it holds back (pyiqa missing stops eight metrics
+    for one reason: one line, not eight); empty when all ran."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in result.unavailable.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "\n".join(f"  {', '.join(names)}: {reason}" for reason, names in by_reason.items())
 
 
 def write_reports(out_dir: str | Path, result: EvaluationResult) -> dict[str, Path]:

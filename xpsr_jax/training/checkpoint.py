@@ -35,6 +35,17 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
+class _QuietWaitingForSave(logging.Filter):
+    """orbax warns "Waiting for previous save to complete took N seconds" before nearly every
+    save when checkpoints come often (the tiny runs); the wait is expected, the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Waiting for previous save")
+
+
+_QUIET_WAITING = _QuietWaitingForSave()
+
+
 def finalized_steps(directory: str | os.PathLike) -> list[int]:
     """Steps with a finished checkpoint in `directory`, read from the file system alone (no
     orbax manager, so no cross-process barrier): orbax renames `<step>.orbax-checkpoint-tmp-*`
@@ -69,6 +80,9 @@ class TrainCheckpoints:
             enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        absl_logger = logging.getLogger("absl")  # orbax logs through absl
+        if _QUIET_WAITING not in absl_logger.filters:
+            absl_logger.addFilter(_QUIET_WAITING)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -63,6 +63,9 @@ from xpsr_jax.training.validation import Validator
 STATE_VERSION = 1
 
 
+SPEED_WINDOW = 10  # steps the logged s/step and img/s are averaged over
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
 
@@ -234,7 +237,9 @@ def train(config, workdir: str | os.PathLike, *,
                          compile_seconds=step_fn.compile_seconds)
     last_saved = latest
     pending: deque = deque()  # (step number, metrics arrays) not yet read on the host
-    last_time = time.perf_counter()
+    # Host read times of the last steps: with a step in flight, two reads can come back to back
+    # (after a checkpoint save, at the end), so speed is averaged over a window, not one gap.
+    read_times: deque = deque([time.perf_counter()], maxlen=SPEED_WINDOW + 1)
 
     def meta_for(step: int) -> dict:
         return {"version": STATE_VERSION, "step": step,
@@ -244,10 +249,9 @@ def train(config, workdir: str | os.PathLike, *,
                     train_config.config_to_json(config))}
 
     def read(step: int, metrics: Mapping[str, jax.Array]) -> None:
-        nonlocal last_time
         values = _host_metrics(metrics)
-        now = time.perf_counter()
-        step_seconds, last_time = now - last_time, now
+        read_times.append(time.perf_counter())
+        step_seconds = (read_times[-1] - read_times[0]) / (len(read_times) - 1)
         if not values.pop("is_finite", 1.0) or not math.isfinite(values["loss"]):
             where = (f"the last good checkpoint is step {last_saved} in "
                      f"{workdir / CHECKPOINT_DIR}" if last_saved is not None
@@ -311,4 +315,6 @@ def train(config, workdir: str | os.PathLike, *,
             progress.close()
         if writer is not None:
             writer.close()
+    if not result.stopped_by_signal and last_saved is not None:
+        _say(f"done: step {result.final_step}; last checkpoint {workdir / CHECKPOINT_DIR / str(last_saved)}")
     return result
