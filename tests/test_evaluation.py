@@ -224,3 +224,37 @@ def test_python_dash_m_entry_point(folders, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "3 images, full-reference" in done.stdout and "| ssim |" in done.stdout
+
+
+def test_size_mismatch_skips_the_pair_and_gt_can_be_cropped_to_the_prediction(tmp_path, capsys):
+    """A 451x300 HR against a 448x300 SR: reported and skipped while the rest are scored (exit 1),
+    or with --crop-gt-to-pred scored against the HR's top-left 448x300."""
+    pred_dir, gt_dir = tmp_path / "sr", tmp_path / "hr"
+    good_pred, good_gt = _image_pair(32, 40, seed=1)
+    write_png_atomic(pred_dir / "good.png", good_pred)
+    write_png_atomic(gt_dir / "good.png", good_gt)
+    big_gt = np.random.default_rng(2).integers(0, 256, (300, 451, 3), dtype=np.uint8)
+    odd_pred = np.clip(big_gt[:, :448].astype(int) + 3, 0, 255).astype(np.uint8)
+    write_png_atomic(pred_dir / "odd.png", odd_pred)
+    write_png_atomic(gt_dir / "odd.png", big_gt)
+    out = tmp_path / "report"
+    code, _, err = _run(["--pred", str(pred_dir), "--gt", str(gt_dir), "--metrics", "psnr", "--out", str(out)],
+                        capsys)
+    assert code == 1 and "1 image(s) not scored" in err
+    assert "odd.png is 448x300 but" in err and "is 451x300 (width x height) (--crop-gt-to-pred crops" in err
+    summary = json.loads((out / "means.json").read_text())
+    assert summary["num_images"] == 1 and list(summary["skipped"]) == ["odd"]
+    assert summary["means"]["psnr"] == pytest.approx(psnr_y(good_pred, good_gt))
+    code, _, err = _run(["--pred", str(pred_dir), "--gt", str(gt_dir), "--metrics", "psnr", "--out", str(out),
+                         "--crop-gt-to-pred"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "means.json").read_text())
+    expected = (psnr_y(good_pred, good_gt) + psnr_y(odd_pred, big_gt[:, :448])) / 2
+    assert summary["num_images"] == 2 and summary["means"]["psnr"] == pytest.approx(expected)
+    # A prediction larger than its ground truth is never cropped: still skipped, and alone it fails.
+    (pred_dir / "good.png").unlink()
+    (gt_dir / "good.png").unlink()
+    write_png_atomic(pred_dir / "odd.png", np.zeros((300, 452, 3), np.uint8))
+    code, _, err = _run(["--pred", str(pred_dir), "--gt", str(gt_dir), "--metrics", "psnr", "--crop-gt-to-pred"],
+                        capsys)
+    assert code == 2 and "no image could be scored" in err and "452x300" in err

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, or 'all' (default): {','.join(ALL_METRICS)}")
     parser.add_argument("--crop-border", type=int, default=0,
                         help="pixels cropped from each side for PSNR/SSIM (default 0)")
+    parser.add_argument("--crop-gt-to-pred", action="store_true",
+                        help="crop a ground truth larger than its prediction to the prediction's size (top "
+                             "left), the SR convention for sides that are not multiples of the scale")
     parser.add_argument("--out", help="folder for per_image.csv, means.md and means.json")
     parser.add_argument("--paper", action="store_true",
                         help="print the paper's numbers for --dataset beside ours")
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--crop-border must be >= 0, got {args.crop_border}")
         metrics = parse_metric_names(args.metrics)
         result = evaluate_folders(args.pred, args.gt, metrics, crop_border=args.crop_border,
-                                  device=args.device, progress=not args.no_progress)
+                                  device=args.device, progress=not args.no_progress,
+                                  crop_gt_to_pred=args.crop_gt_to_pred)
         if args.paper:
             result.paper, result.dataset = paper_results(args.dataset), args.dataset
     except (PairingError, ImageReadError, ValueError) as error:
@@ -75,4 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         paths = write_reports(args.out, result)
         print("reports: " + ", ".join(str(path) for path in paths.values()))
+    if result.skipped:
+        print(f"{len(result.skipped)} image(s) not scored:", file=sys.stderr)
+        for reason in result.skipped.values():
+            print(f"  {reason}", file=sys.stderr)
+        return 1
     return 0

@@ -26,6 +26,7 @@ class EvaluationResult:
     settings: dict  # pred/gt folders, crop border, mode
     paper: dict[str, float] | None = None
     dataset: str | None = None
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # image stem -> why not scored
 
 
 def markdown_table(result: EvaluationResult) -> str:
@@ -75,9 +76,13 @@ def write_reports(out_dir: str | Path, result: EvaluationResult) -> dict[str, Pa
     if result.unavailable:
         markdown += "\nNot computed:\n\n" + "\n".join(
             f"- {name}: {reason}" for name, reason in result.unavailable.items()) + "\n"
+    if result.skipped:
+        markdown += "\nNot scored:\n\n" + "\n".join(
+            f"- {stem}: {reason}" for stem, reason in result.skipped.items()) + "\n"
     paths["markdown"].write_text(markdown)
     summary = {
         "num_images": len(result.per_image),
+        "skipped": result.skipped,
         "means": {name: _json_number(value) for name, value in result.means.items()},
         "unavailable": result.unavailable,
         "settings": result.settings,

@@ -5,7 +5,10 @@
 `metrics=None` means all of `ALL_METRICS`. Full-reference metrics need `gt_dir`; without it
 (no-reference mode, RealLR200 style) they are reported as unavailable, like pyiqa metrics
 whose package or weights are missing. Images are read as 8-bit RGB; an unreadable file is an
-`ImageReadError` naming it, a size mismatch a `ValueError` naming both files.
+`ImageReadError` naming it. A pair whose sizes differ is not scored (`result.skipped` names both
+files and sizes) while the rest are, unless `crop_gt_to_pred`: then a ground truth larger than
+its prediction is cropped to it from the top left, the SR convention for sides that are not
+multiples of the scale (a 451 x 300 HR against a 448 x 300 SR).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def evaluate_folders(
     crop_border: int = 0,
     device: str | None = None,
     progress: bool = True,
+    crop_gt_to_pred: bool = False,
 ) -> EvaluationResult:
     """Scores every prediction in pred_dir (paired by stem with gt_dir when given)."""
     names = list(ALL_METRICS) if metrics is None else list(metrics)
@@ -71,16 +75,21 @@ def evaluate_folders(
         raise ValueError(f"none of the requested metrics can run:\n{reasons}")
 
     per_image: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
     per_image_names = [name for name in running
                        if name in Y_CHANNEL_METRICS or not iqa_metrics[name].metric.over_folders]
     for pair in tqdm(pairs, desc="evaluating", unit="image", disable=not progress):
         pred = read_rgb(pair.pred)
         gt = None if pair.gt is None else read_rgb(pair.gt)
         if gt is not None and pred.shape != gt.shape:
-            raise ValueError(
-                f"size mismatch: {pair.pred} is {pred.shape[1]}x{pred.shape[0]} but "
-                f"{pair.gt} is {gt.shape[1]}x{gt.shape[0]} (width x height)"
-            )
+            larger = gt.shape[0] >= pred.shape[0] and gt.shape[1] >= pred.shape[1]
+            if crop_gt_to_pred and larger:
+                gt = gt[:pred.shape[0], :pred.shape[1]]
+            else:
+                hint = "" if crop_gt_to_pred or not larger else " (--crop-gt-to-pred crops the HR to it)"
+                skipped[pair.stem] = (f"size mismatch: {pair.pred} is {pred.shape[1]}x{pred.shape[0]} but "
+                                      f"{pair.gt} is {gt.shape[1]}x{gt.shape[0]} (width x height){hint}")
+                continue
         scores = {}
         for name in per_image_names:
             if name in Y_CHANNEL_METRICS:
@@ -89,6 +98,8 @@ def evaluate_folders(
                 scores[name] = iqa_metrics[name].score_image(pred, gt)
         per_image[pair.stem] = scores
 
+    if not per_image:
+        raise ValueError("no image could be scored:\n" + "\n".join(f"  {why}" for why in skipped.values()))
     means = {name: float(np.mean([scores[name] for scores in per_image.values()]))
              for name in per_image_names}
     for name in running:
@@ -99,7 +110,8 @@ def evaluate_folders(
         "gt_dir": None if gt_dir is None else str(gt_dir),
         "mode": "no-reference" if gt_dir is None else "full-reference",
         "crop_border": crop_border,
+        "crop_gt_to_pred": crop_gt_to_pred,
         "psnr_ssim": "BT.601 Y channel, float64, SSIM 11x11 Gaussian sigma 1.5 valid",
     }
     return EvaluationResult(metrics=running, per_image=per_image, means=means,
-                            unavailable=unavailable, settings=settings)
+                            unavailable=unavailable, settings=settings, skipped=skipped)
