@@ -474,3 +474,25 @@ def test_one_rule_for_the_lowlevel_prompt_folder(tmp_path):
     with pytest.raises(ValueError, match=r"several low-level prompt folders \['lowlevel_prompt_a', "
                                          r"'lowlevel_prompt_b'\] and no lowlevel_prompt_q/"):
         lowlevel_prompt_folder(layout("lowlevel_prompt_a", "lowlevel_prompt_b"))
+
+
+def test_update_weights_swaps_states_and_refuses_another_structure(ddpm_pipe):
+    """Training's validation path: new weights of the same networks, compiled programs kept."""
+    from flax import nnx
+    import jax
+
+    pipe, _ = ddpm_pipe
+    networks, states = pipe.networks, pipe.states
+    unet, controlnet, vae = (nnx.merge(getattr(networks, name), states[name]) for name in ("unet", "controlnet", "vae"))
+    scaled = jax.tree.map(lambda x: x * 2, nnx.state(unet, nnx.Param))
+    nnx.update(unet, scaled)
+    try:
+        pipe.update_weights(unet, controlnet, vae)
+        leaf = jax.tree.leaves(nnx.state(unet, nnx.Param))[0]
+        stored = jax.tree.leaves(pipe.states["unet"].filter(nnx.Param))[0]
+        assert np.array_equal(np.asarray(stored), np.asarray(leaf))
+        unet.remat_block_types = ("CrossAttnDownBlock2D",)
+        with pytest.raises(ValueError, match="structure differs"):
+            pipe.update_weights(unet, controlnet, vae)
+    finally:
+        pipe.states = states  # the module fixture is shared

@@ -147,7 +147,6 @@ def _call(name: str, command: str, entry_point: Callable[[list[str]], int], argv
 
 
 def stage_model(paths: dict[str, Path], **_) -> dict:
-
     shutil.rmtree(paths["model"], ignore_errors=True)  # a half-written model from a killed run
     _show("python -m xpsr_jax.models.tiny", ["--out", paths["model"]])
     model = write_tiny_model(paths["model"], seed=0)
@@ -155,7 +154,6 @@ def stage_model(paths: dict[str, Path], **_) -> dict:
 
 
 def stage_data(paths: dict[str, Path], hr_dir: Path, captions: Path, crop_size: int, **_) -> dict:
-
     # --hr-target original: the stored HR is the example itself, so it is also the GT of stage 6.
     _call("data", "python -m xpsr_jax.data.prepare", prepare.main, [
         "--hr-dir", str(hr_dir), "--work-dir", str(paths["prepare"]),
@@ -166,7 +164,6 @@ def stage_data(paths: dict[str, Path], hr_dir: Path, captions: Path, crop_size: 
 
 
 def stage_train(paths: dict[str, Path], steps: int, **_) -> dict:
-
     config = load_config_file(f"{TRAIN_CONFIG}:tiny")
     config.base_model = str(paths["model"] / "sd15")
     config.pipeline.data_dir = str(paths["tfds"])
@@ -193,7 +190,6 @@ def stage_train(paths: dict[str, Path], steps: int, **_) -> dict:
 
 
 def stage_export(paths: dict[str, Path], **_) -> dict:
-
     shutil.rmtree(paths["release"], ignore_errors=True)  # redo from the current checkpoint
     _call("export", "python -m xpsr_jax.export", export_main, ["torch", "--workdir", str(paths["train"]),
                                   "--out", str(paths["release"])])
@@ -201,7 +197,6 @@ def stage_export(paths: dict[str, Path], **_) -> dict:
 
 
 def stage_infer(paths: dict[str, Path], captions: Path, **_) -> dict:
-
     _call("infer", "python -m xpsr_jax.infer", infer_main, [
         "--weights", str(paths["release"]), "--sd15", str(paths["model"] / "sd15"),
         "--input", str(paths["prepare"] / "LR"), "--output", str(paths["sr"]),
@@ -210,7 +205,6 @@ def stage_infer(paths: dict[str, Path], captions: Path, **_) -> dict:
 
 
 def stage_evaluate(paths: dict[str, Path], **_) -> dict:
-
     _call("evaluate", "python -m xpsr_jax.evaluate", evaluate_main, [
         "--pred", str(paths["sr"]), "--gt", str(paths["prepare"] / "HR"), "--metrics", METRICS,
         "--out", str(paths["eval"]), "--no-progress"])

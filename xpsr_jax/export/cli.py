@@ -36,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     args = build_parser().parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.format][0])
     try:

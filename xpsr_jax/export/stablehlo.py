@@ -105,7 +105,6 @@ def parse_batch_sizes(text: str) -> list[int] | None:
 
 
 def run(args) -> int:
-
     try:
         config, _ = parse_config_flags(["--config", args.config] + [f"--config.{kv}" for kv in args.overrides],
                                        default=DEFAULT_CONFIG, prog="python -m xpsr_jax.export stablehlo")
@@ -153,7 +152,6 @@ def _tree_specs(tree) -> list[dict]:
 
 
 def _jsonable(value):
-
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -179,8 +177,6 @@ class _Exporter:
     """Builds the three functions of one pipeline and exports them."""
 
     def __init__(self, pipe, weights_mode: str, platforms: list[str]):
-
-
         self.pipe = pipe
         self.weights_mode = weights_mode
         self.platforms = platforms or [jax.default_backend()]
@@ -207,7 +203,6 @@ class _Exporter:
         return jax.tree_util.tree_unflatten(treedef, [weights[n] for n in names])
 
     def _text_encoder(self, text_state, ids):
-
         return nnx.merge(self.pipe.text_encoder_def, text_state)(ids)
 
     def _weights_arg(self, weights: dict, group: str):
@@ -219,7 +214,6 @@ class _Exporter:
         return {"embeddings": self._text_encoder(self._weights_arg(weights, "text_encoder"), inputs["input_ids"])}
 
     def denoise_step(self, weights, inputs):
-
         states = {group: self._weights_arg(weights, group) for group in ("unet", "controlnet")}
         embeds = PromptEmbeds(inputs["highlevel"], inputs["highlevel_negative"], inputs["lowlevel"],
                               inputs["lowlevel_negative"])
@@ -228,8 +222,6 @@ class _Exporter:
         return {"noise_pred": eps}
 
     def sample(self, weights, inputs):
-
-
         highlevel_ids, lowlevel_ids = inputs["highlevel_ids"], inputs["lowlevel_ids"]
         batch = highlevel_ids.shape[0]
         # One text-encoder batch [highlevel..., lowlevel..., negative, lowlevel negative], as
@@ -249,7 +241,6 @@ class _Exporter:
     # ------------------------------------------------------------ specs and export
 
     def input_specs(self, name: str, batch, size: tuple[int, int] | None) -> dict:
-
         sds = jax.ShapeDtypeStruct
         length = self.max_length
         if name == "encode_text":
@@ -267,14 +258,12 @@ class _Exporter:
                 "highlevel": embed, "highlevel_negative": embed, "lowlevel": embed, "lowlevel_negative": embed}
 
     def weight_specs(self, name: str) -> dict:
-
         if self.weights_mode == "baked":
             return {}
         return {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for group in NETWORKS_OF[name]
                 for n, a in self.groups[group][0].items()}
 
     def export(self, name: str, batch, size):
-
         inputs = self.input_specs(name, batch, size)
         exported = export.export(jax.jit(getattr(self, name)), platforms=self.platforms)(
             self.weight_specs(name), inputs)
@@ -388,7 +377,6 @@ def export_pipeline(pipe, out: str | os.PathLike, *, tokenizer_dir: str | os.Pat
 
 
 def _metadata(pipe, exporter: _Exporter, functions, sizes, batch_sizes, source: dict) -> dict:
-
     cfg = pipe.config
     sampler = pipe.sampler
     return {

@@ -71,7 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     if args.step is not None and args.workdir is None:
         raise ExportError("--step goes with --workdir; --checkpoint names one step folder already")
     checkpoint = resolve_checkpoint(args.workdir, args.step) if args.workdir else Path(args.checkpoint)
@@ -99,7 +98,6 @@ def resolve_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> P
 
 
 def read_meta(checkpoint: Path) -> dict:
-
     if not (checkpoint.is_dir() and (checkpoint / "state").is_dir() and (checkpoint / "meta").is_dir()):
         raise ExportError(f"{checkpoint}: not an orbax training checkpoint step folder (expected state/ and "
                           "meta/, as in WORKDIR/checkpoints/<step>)")
@@ -164,7 +162,6 @@ def _sd_base_networks(base_model: Path, train_config: dict) -> BaseNetworks:
     the frozen UNet part; the trainable parts stay abstract (the checkpoint replaces them), so no
     random initialisation is computed."""
 
-
     sd_unet = UNet2DCondition.from_pretrained(base_model, subfolder="unet")
     try:  # the configs XPSRUNet.from_sd_unet (+ the run's SFA switches) and XPSRControlNet.from_unet derive
         unet_config = XPSRUNetConfig.from_sd(sd_unet.config, **sfa_overrides(train_config.get("model")))
@@ -188,7 +185,6 @@ def _sd_base_networks(base_model: Path, train_config: dict) -> BaseNetworks:
 
 
 def load_base_networks(base: FrozenBase, train_config: dict) -> BaseNetworks:
-
     if base.kind == "base_model":
         return _sd_base_networks(base.path, train_config)
     if detect_weights_format(base.path) == ORBAX_INFERENCE:
@@ -211,7 +207,6 @@ def restore_trainable(checkpoint: Path, networks: BaseNetworks, *, ema: bool, pa
     """(unet, controlnet) with the checkpoint's trainable parameters (or its EMA) merged in.
 
     Only `params` (or `ema_params`) are read: no optimizer state, RNG or step."""
-
 
     key = "ema_params" if ema else "params"
     state_dir = checkpoint / "state"
@@ -238,14 +233,12 @@ def restore_trainable(checkpoint: Path, networks: BaseNetworks, *, ema: bool, pa
 def torch_state_dict(module, dtype: str) -> dict:
     """The module's PyTorch-layout state dict with floating tensors cast to `dtype`."""
 
-
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     return {k: v.astype(target) if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16 else v
             for k, v in module_state_dict(module).items()}
 
 
 def write_release(folder: Path, networks: dict, configs: dict[str, bytes], dtype: str) -> None:
-
     for name in NETWORKS:
         (folder / name).mkdir(parents=True)
         write_state_dict(folder / name / WEIGHTS_NAME, torch_state_dict(networks[name], dtype))
@@ -253,7 +246,6 @@ def write_release(folder: Path, networks: dict, configs: dict[str, bytes], dtype
 
 
 def _parameter_bytes(modules, dtype: str) -> int:
-
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     return sum(int(np.prod(x.shape)) * itemsize for m in modules for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
 
@@ -273,7 +265,6 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
                         overwrite: bool = False) -> Path:
     """One training checkpoint step folder -> release folder `out` (see the module docstring).
     Every check runs before anything is written; a failure leaves no partial output."""
-
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPES)}")

@@ -31,12 +31,18 @@ from tqdm import tqdm
 from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, split_config_args
 from xpsr_jax.data.images import IMAGE_SUFFIXES, ImageReadError, read_rgb, write_png_atomic
 from xpsr_jax.distributed import DistributedOptions, initialize_distributed
+from xpsr_jax.inference.artifact import (
+    ArtifactRunner,
+    check_artifact_covers,
+    check_artifact_size,
+    stablehlo_artifact_path,
+)
+from xpsr_jax.inference.batching import super_resolve_iter
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
-from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr, resize_output
+from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr
 from xpsr_jax.inference.prompts import OFFICIAL_LR_FOLDER, MissingPromptError, PromptSource, is_official_layout
 from xpsr_jax.weights.artifact import ArtifactInputError, load_artifact
-from xpsr_jax.weights.formats import STABLEHLO, WeightsFormatError, read_manifest
 
 DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/configs/infer.py)
 
@@ -204,12 +210,10 @@ def run(args, config, artifact=None) -> int:
             XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config)
         progress = tqdm(total=len(todo), unit="img", desc="super-resolving", disable=jax.process_index() != 0)
         start = time.perf_counter()
-        for chunk in size_batches(todo, config.batch_size):
-            images = pipe([item.image for item in chunk], [item.highlevel for item in chunk],
-                          [item.lowlevel for item in chunk])
-            for item, image in zip(chunk, images):
-                write_png_atomic(item.target, image)
-            progress.update(len(chunk))
+        for index, image in super_resolve_iter(pipe, [job.image for job in todo], [job.highlevel for job in todo],
+                                               [job.lowlevel for job in todo]):
+            write_png_atomic(todo[index].target, image)
+            progress.update(1)
             progress.set_postfix(img_per_s=f"{progress.n / (time.perf_counter() - start):.2f}")
         progress.close()
     written = len(todo)
@@ -218,84 +222,6 @@ def run(args, config, artifact=None) -> int:
           + (f"; {skipped} already there" if skipped else "")
           + (f"; {len(failures)} failed" if failures else ""), flush=True)
     return _summary(failures)
-
-
-# ---------------------------------------------------------------- StableHLO artifacts
-
-# Run-time settings: not part of an exported program (the seed enters as keys, batches are split).
-ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed")
-
-
-def stablehlo_artifact_path(weights: str) -> Path | None:
-    """`weights` when it is a StableHLO artifact (manifest.json with format "stablehlo"), else None
-    (anything else, broken or not, is left to the pipeline's own checks)."""
-    try:
-        manifest = read_manifest(weights) if Path(weights).is_dir() else None
-    except WeightsFormatError:
-        return None
-    return Path(weights) if manifest is not None and manifest["format"] == STABLEHLO else None
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    items = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items.update(_flat(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = value
-    return items
-
-
-def artifact_config_differences(artifact, config) -> list[str]:
-    """'key: artifact A, requested B' for every recipe setting the artifact was not exported with."""
-    exported, requested = _flat(artifact.config), _flat(config.to_dict())
-    return [f"{key}: artifact {exported.get(key)!r}, requested {requested.get(key)!r}"
-            for key in sorted(set(exported) | set(requested))
-            if key not in ARTIFACT_RUNTIME_KEYS and exported.get(key) != requested.get(key)]
-
-
-def check_artifact_covers(artifact, config) -> None:
-    differences = artifact_config_differences(artifact, config)
-    if differences:
-        raise ValueError(f"--weights {artifact.path}: the StableHLO artifact does not cover this recipe; it was "
-                         f"exported with other settings ({'; '.join(differences)}). Run without --config to use "
-                         f"its recipe, or export it again with these settings")
-
-
-def check_artifact_size(artifact, conditioning_shape) -> None:
-    size = tuple(conditioning_shape[:2])
-    if size not in artifact.sizes:
-        covered = ", ".join(f"{h}x{w}" for h, w in artifact.sizes)
-        raise ArtifactInputError(f"processed size {size[0]}x{size[1]} is not covered by the StableHLO artifact "
-                                 f"{artifact.path} (it covers {covered}); export it with --size {size[0]}x{size[1]}")
-
-
-class ArtifactRunner:
-    """The pipeline's `__call__` on a StableHLO artifact: preprocess, sample, resize back."""
-
-    def __init__(self, artifact, config):
-        self.artifact, self.config = artifact, config
-
-    def __call__(self, lr_images, highlevel_prompts, lowlevel_prompts) -> list[np.ndarray]:
-        conditioning = np.stack([preprocess_lr(image, self.config.process_size, upscale=self.config.upscale)
-                                 for image in lr_images])
-        limit = len(lr_images) if self.artifact.symbolic_batch else max(self.artifact.batch_sizes)
-        images = []
-        for start in range(0, len(lr_images), limit):
-            part = slice(start, start + limit)
-            count = len(conditioning[part])
-            out = self.artifact.sample(conditioning[part], list(highlevel_prompts[part]),
-                                       list(lowlevel_prompts[part]), seeds=[self.config.seed] * count)
-            images.extend(out["images"])
-        return [resize_output(image, lr.shape, upscale=self.config.upscale) for image, lr in zip(images, lr_images)]
-
-
-def size_batches(todo: Sequence["Job"], batch_size: int) -> list[list["Job"]]:
-    """Jobs grouped by processed size (one compiled function each), in batches of `batch_size`."""
-    groups: dict[tuple, list[Job]] = {}
-    for job in todo:
-        groups.setdefault(job.processed_shape, []).append(job)
-    return [jobs[i:i + batch_size] for _, jobs in sorted(groups.items()) for i in range(0, len(jobs), batch_size)]
 
 
 def _summary(failures) -> int:

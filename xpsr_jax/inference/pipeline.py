@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
+from xpsr_jax.inference.batching import super_resolve
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
-from xpsr_jax.inference.preprocess import preprocess_lr, resize_output
 from xpsr_jax.inference.sampling import PromptEmbeds, SampleOutput, SamplingNoise, SamplingPlan, sample, split_networks
 from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, load_clip_tokenizer, load_xpsr_networks, tokenize
 from xpsr_jax.schedulers import load_scheduler_config, make_sampler, noise_schedule_from_config
@@ -128,6 +128,15 @@ class XPSRPipeline:
         return cls(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
                    tokenizer=load_clip_tokenizer(base / "tokenizer"),
                    scheduler_config=load_scheduler_config(base / "scheduler"), config=config, **kwargs)
+
+    def update_weights(self, unet, controlnet, vae) -> None:
+        """Sample with new weights of the same architecture (training's validation each time):
+        the compiled programs are kept, only the states change."""
+        networks, states = split_networks(unet, controlnet, vae)
+        if networks != self.networks:
+            raise ValueError("update_weights: the networks' structure differs from the pipeline's; "
+                             "build a new XPSRPipeline")
+        self.states = jax.device_put(states, self._replicated)
 
     # ------------------------------------------------------------------ prompts
 
@@ -248,6 +257,16 @@ class XPSRPipeline:
 
     # ------------------------------------------------------------------ images in, images out
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.config.batch_size)
+
+    def sample_batch(self, conditioning: np.ndarray, highlevel: list[str], lowlevel: list[str],
+                     seeds: list[int], noise: SamplingNoise | None) -> np.ndarray:
+        """uint8 SR images at the processed size for one batch (the `Runner` of `batching`)."""
+        embeds = self.encode_prompts(highlevel, lowlevel)
+        return self.sample(conditioning, embeds, seeds=seeds, noise=noise).images
+
     def __call__(self, lr_images: Sequence[np.ndarray], highlevel_prompts: Sequence[str],
                  lowlevel_prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
                  noise: Sequence[SamplingNoise] | None = None) -> list[np.ndarray]:
@@ -255,35 +274,4 @@ class XPSRPipeline:
         upscale x each input. Images of the same processed size are batched together
         (config.batch_size per call); `noise`, if given, is one single-image SamplingNoise
         (batch 1) per input."""
-        lr_images = list(lr_images)
-        count = len(lr_images)
-        if not (len(highlevel_prompts) == len(lowlevel_prompts) == count):
-            raise ValueError(f"pipeline: {count} images, {len(highlevel_prompts)} high-level and "
-                             f"{len(lowlevel_prompts)} low-level prompts; give one of each per image")
-        seeds = [self.config.seed] * count if seeds is None else list(seeds)
-        if len(seeds) != count or (noise is not None and len(noise) != count):
-            raise ValueError(f"pipeline: seeds/noise must have one entry per image ({count})")
-        conditioning = [preprocess_lr(image, self.config.process_size, upscale=self.config.upscale)
-                        for image in lr_images]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(conditioning):
-            groups.setdefault(image.shape[:2], []).append(index)
-        results: list[np.ndarray | None] = [None] * count
-        for indices in groups.values():
-            for start in range(0, len(indices), self.config.batch_size):
-                chunk = indices[start:start + self.config.batch_size]
-                embeds = self.encode_prompts([highlevel_prompts[i] for i in chunk],
-                                             [lowlevel_prompts[i] for i in chunk])
-                chunk_noise = None
-                if noise is not None:
-                    parts = [noise[i] for i in chunk]
-                    chunk_noise = SamplingNoise(
-                        *(np.concatenate([np.asarray(getattr(p, f)) for p in parts], axis=0)
-                          for f in ("vae_sample", "first", "added")),
-                        None if parts[0].steps is None else np.concatenate([np.asarray(p.steps) for p in parts],
-                                                                           axis=1))
-                out = self.sample(np.stack([conditioning[i] for i in chunk]), embeds,
-                                  seeds=[seeds[i] for i in chunk], noise=chunk_noise)
-                for i, image in zip(chunk, out.images):
-                    results[i] = resize_output(image, lr_images[i].shape, upscale=self.config.upscale)
-        return results
+        return super_resolve(self, lr_images, highlevel_prompts, lowlevel_prompts, seeds=seeds, noise=noise)

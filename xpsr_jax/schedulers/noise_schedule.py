@@ -123,7 +123,6 @@ def _per_sample(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
 
 def add_noise(schedule: NoiseSchedule, original_samples, noise, timesteps) -> jnp.ndarray:
     """The forward process q(x_t | x_0): sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * noise.
-
     `timesteps` are int, shape (B,) (or a scalar); the factors broadcast over the trailing axes.
     Computed in at least float32 and returned in the dtype of `original_samples`.
     """

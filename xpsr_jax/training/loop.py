@@ -128,7 +128,6 @@ def _host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
 
 def _summary(config, mesh, state, frozen, global_batch_size: int, start_step: int,
              compile_seconds: float | None = None) -> None:
-
     devices = jax.devices()
     per_device = global_batch_size // mesh.size
     _say(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "

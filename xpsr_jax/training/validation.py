@@ -28,7 +28,6 @@ from xpsr_jax.cli_config import load_config_file
 from xpsr_jax.data import images as image_io
 from xpsr_jax.data.images import IMAGE_SUFFIXES
 from xpsr_jax.inference.pipeline import XPSRPipeline
-from xpsr_jax.inference.sampling import split_networks
 from xpsr_jax.models import load_clip_tokenizer
 from xpsr_jax.schedulers import load_scheduler_config
 from xpsr_jax.training.step import merge_models
@@ -109,7 +108,6 @@ class Validator:
         return load_config_file(self.config.validation.infer_config)
 
     def _build(self, models) -> None:
-
         base = Path(self.config.base_model)
         self.pipeline = XPSRPipeline(
             unet=models.unet, controlnet=models.controlnet, vae=models.vae,
@@ -118,8 +116,6 @@ class Validator:
             config=self._infer_config(), devices=jax.local_devices())
 
     def __call__(self, step: int, graphdefs, params, frozen) -> Path | None:
-
-
         # Every process joins the gathers (the same ones on every process), then only 0 samples.
         params = _host_copy(params)
         first = self.pipeline is None and not hasattr(self, "_frozen")
@@ -134,8 +130,7 @@ class Validator:
             unet = nnx.merge(graphdefs["unet"], params["unet"], self._frozen["unet"])
             controlnet = nnx.merge(graphdefs["controlnet"], params["controlnet"],
                                    self._frozen["controlnet"])
-            _, states = split_networks(unet, controlnet, self._vae)
-            self.pipeline.states = jax.device_put(states, self.pipeline._replicated)
+            self.pipeline.update_weights(unet, controlnet, self._vae)
         sr = self.pipeline([image.lr for image in self.images],
                            [image.highlevel_prompt for image in self.images],
                            [image.lowlevel_prompt for image in self.images])

@@ -90,7 +90,6 @@ class StableHLOArtifact:
                 f"weights {self.metadata['weights_mode']}, {self.config['sampler']} x {len(self.timesteps)})")
 
     def _check_platform(self) -> None:
-
         platforms = self.metadata["platforms"]
         if jax.default_backend() not in platforms:
             raise ArtifactError(f"{self.path}: exported for platforms {platforms}; this process runs on "
@@ -220,7 +219,6 @@ class StableHLOArtifact:
     @staticmethod
     def keys_from_seeds(seeds: Sequence[int]) -> np.ndarray:
         """uint32 (B, 2): each image's key data from its seed, as XPSRPipeline derives them."""
-
         return np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
 
     # ------------------------------------------------------------ the functions

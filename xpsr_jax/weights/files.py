@@ -44,7 +44,6 @@ def resolve_weights_file(folder: str | os.PathLike, stem: str) -> Path:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-
     tensors = {}
     with safe_open(str(path), framework="numpy") as handle:
         for name in handle.keys():
