@@ -55,7 +55,7 @@ def validate_optimizer_config(config: Any, total_steps: int) -> None:
     if not float(config["eps"]) > 0:
         raise bad("eps", "a positive float")
     if config["schedule"] not in SCHEDULES:
-        raise bad("schedule", f"one of {SCHEDULES}")
+        raise bad("schedule", " | ".join(SCHEDULES))
     if not 0 <= int(config["warmup_steps"]) < int(total_steps):
         raise bad("warmup_steps", f"an integer >= 0 and < total_steps={total_steps}")
     if not float(config["grad_clip_norm"]) >= 0:
