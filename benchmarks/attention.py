@@ -1,8 +1,8 @@
 """Times every attention backend beside PyTorch's scaled_dot_product_attention, with ratios.
 
-    python benchmarks/attention.py                          # CPU-sized defaults: self-attention
-    python benchmarks/attention.py --tokens 1024 2304 --kv-tokens 77 --heads 4 --head-dim 8
-    python benchmarks/attention.py --tokens 4096 --batch 2 --heads 8 --head-dim 40 --dtype bfloat16
+    python -m benchmarks.attention                          # CPU-sized defaults: self-attention
+    python -m benchmarks.attention --tokens 1024 2304 --kv-tokens 77 --heads 4 --head-dim 8
+    python -m benchmarks.attention --tokens 4096 --batch 2 --heads 8 --head-dim 40 --dtype bfloat16
 
 For each query length (and key length: `--kv-tokens` for cross-attention, default = the query
 length) it compiles every backend, then times them round-robin, one call each per round, so a

@@ -1,8 +1,8 @@
 """CPU head-to-head, one table: xpsr-jax (jitted) vs the PyTorch reference, same architecture.
 
-    python benchmarks/cpu_head_to_head.py                      # tiny widths, 128 px, batch 2, fp32
-    python benchmarks/cpu_head_to_head.py --pixels 256 --repeats 7
-    python benchmarks/cpu_head_to_head.py --no-compile         # eager PyTorch only
+    python -m benchmarks.cpu_head_to_head                      # tiny widths, 128 px, batch 2, fp32
+    python -m benchmarks.cpu_head_to_head --pixels 256 --repeats 7
+    python -m benchmarks.cpu_head_to_head --no-compile         # eager PyTorch only
 
 Three rows, each the same networks on both sides (the tiny widths of benchmarks/train_speed.py:
 UNet / ControlNet (32, 32, 64, 64), one layer per block; VAE (8, 8, 16, 16); a 2-layer CLIP):
@@ -31,11 +31,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from attention import round_robin_ms
-from sampling_speed import build_jax_sampler, build_torch_sampler
-from timing import time_limit
-from train_speed import TINY_UNET, TINY_VAE, jax_steps, parse_args as train_args, torch_trainer
-from xpsr_step_speed import build_step, build_torch_step
+from benchmarks.attention import round_robin_ms
+from benchmarks.common import TINY_UNET, TINY_VAE, time_limit
+from benchmarks.sampling_speed import build_jax_sampler, build_torch_sampler
+from benchmarks.train_speed import jax_steps, torch_trainer
+from benchmarks.train_speed import parse_args as train_args
+from benchmarks.xpsr_step_speed import build_step, build_torch_step
 from xpsr_jax.models import XPSRUNetConfig
 
 ROWS = ("forward", "train", "sampling")
@@ -178,7 +179,7 @@ def main(argv=None):
     load_before = os.getloadavg()
     results, builds = measure(args)
     load_after = os.getloadavg()
-    command = "python benchmarks/cpu_head_to_head.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.cpu_head_to_head " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         f"machine: {machine()}",
         f"load average (1/5/15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, after "

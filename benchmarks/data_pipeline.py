@@ -1,8 +1,8 @@
 """Throughput of the grain training pipeline (examples/s) on a synthetic 512 px dataset.
 
-    python benchmarks/data_pipeline.py                       # default sweep, tiny tokenizer
-    python benchmarks/data_pipeline.py --threads 4 --workers 0 --steps 100
-    python benchmarks/data_pipeline.py --tokenizer /models/sd15/tokenizer
+    python -m benchmarks.data_pipeline                       # default sweep, tiny tokenizer
+    python -m benchmarks.data_pipeline --threads 4 --workers 0 --steps 100
+    python -m benchmarks.data_pipeline --tokenizer /models/sd15/tokenizer
 
 Builds `--examples` synthetic pairs (HR 512 smooth texture, LR 128) into a temporary TFDS
 dataset, then for each (threads, workers) setting times `--steps` batches after `--warmup`
@@ -104,8 +104,7 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - start:.1f} s", flush=True)
         tokenizer = args.tokenizer
         if not tokenizer:
-            sys.path.insert(0, str(REPO_ROOT / "tests"))
-            from data_fixtures import build_tiny_clip_tokenizer
+            from tests.helpers.data_fixtures import build_tiny_clip_tokenizer
 
             tokenizer = build_tiny_clip_tokenizer(temp / "tokenizer")
 

@@ -1,6 +1,6 @@
 """Real-ESRGAN degradation speed: crops per second on synthetic textured HR crops.
 
-    python benchmarks/degradation_speed.py --crops 50 --size 512 --threads 1
+    python -m benchmarks.degradation_speed --crops 50 --size 512 --threads 1
 """
 
 from __future__ import annotations

@@ -57,9 +57,9 @@ SCALE=1      # row timeouts x SCALE (the dry run: CPU compiles on a possibly sha
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
     || { echo "gpu_check.sh: installing .whl/*.whl failed (see $LOG)" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks
+  export PYTHONPATH=/tmp/site:$PWD
 else
-  export PYTHONPATH=$PWD:$PWD/benchmarks
+  export PYTHONPATH=$PWD
 fi
 
 if [ "$DRY" = 1 ]; then
@@ -153,30 +153,30 @@ PROFILE_DIR=$(mktemp -d)
 PARITY="parity with the PyTorch reference (fp32, XPSR SFA ControlNet + UNet)"
 row "$PARITY" 60 bash -c "set -o pipefail; python3 -m pytest -q -p no:cacheprovider -s tests/test_xpsr_models.py \
   -k '$PARITY_K' > '$OUTDIR/parity.log' 2>&1; status=\$?; cat '$OUTDIR/parity.log'; [ \$status = 0 ] && \
-  python3 benchmarks/records.py parity '$OUTDIR/parity.log' '$RESULTS' '$PARITY'"
+  python3 -m benchmarks.common parity '$OUTDIR/parity.log' '$RESULTS' '$PARITY'"
 row "train, xpsr-jax, batch ${TRAIN_BATCHES[*]} x remat none / attention" 300 \
-  python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
+  python3 -m benchmarks.train_speed "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
   --batch "${TRAIN_BATCHES[@]}" --remat none attention "${TIMING[@]}" --compile-threads "$THREADS" \
   --skip-torch --json "$RESULTS" --profile "$PROFILE_DIR" --profile-steps 3
 row "train, PyTorch eager, batch ${TRAIN_BATCHES[*]}" 75 "${TORCH_ONLY[@]}" \
-  python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
+  python3 -m benchmarks.train_speed "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" \
   --batch "${TRAIN_BATCHES[@]}" "${TIMING[@]}" --skip-jax --json "$RESULTS"
 row "sampling, xpsr-jax, batch ${SAMPLE_BATCHES[*]}" 150 \
-  python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
+  python3 -m benchmarks.sampling_speed "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
   --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --compile-threads 2 --skip-torch --json "$RESULTS" \
   --profile "$PROFILE_DIR"
 row "sampling, PyTorch eager, batch ${SAMPLE_BATCHES[*]}" 90 "${TORCH_ONLY[@]}" \
-  python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
+  python3 -m benchmarks.sampling_speed "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
   --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --skip-jax --json "$RESULTS"
 # torch.compile last, in what is left: a compile that does not finish is reported in its cell.
 half=$(( ($(left) - 10) / 2 )); [ "$half" -gt $((150 * SCALE)) ] && half=$((150 * SCALE))
 row "train, PyTorch torch.compile, batch 1" $(((half + 5) / SCALE + 1)) "${TORCH_ONLY[@]}" \
-  python3 benchmarks/train_speed.py "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" --batch 1 \
+  python3 -m benchmarks.train_speed "${SIZE[@]}" --resolution "$TRAIN_PX" --dtype "$DTYPE" --batch 1 \
   "${TIMING[@]}" --skip-jax --skip-torch --torch-compile "$COMPILE_BACKEND" --compile-timeout "$half" \
   --json "$RESULTS"
 half=$(( $(left) - 10 )); [ "$half" -gt $((150 * SCALE)) ] && half=$((150 * SCALE))
 row "sampling, PyTorch torch.compile, batch 1" $(((half + 5) / SCALE + 1)) "${TORCH_ONLY[@]}" \
-  python3 benchmarks/sampling_speed.py "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
+  python3 -m benchmarks.sampling_speed "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
   --batch 1 --repeats "$REPEATS" --skip-jax --skip-torch --torch-compile "$COMPILE_BACKEND" \
   --compile-timeout "$half" --json "$RESULTS"
 
@@ -198,7 +198,7 @@ rm -rf "$PROFILE_DIR"
   echo
   echo "device: $DEVICE; $VERSIONS; $MISSING; total $(($(date +%s) - START)) s"
   echo
-  python3 benchmarks/records.py table "$RESULTS" 2>&1
+  python3 -m benchmarks.common table "$RESULTS" 2>&1
   echo
   grep -h -B 4 -A 10 '^| kind ' "$OUTDIR/profile.md" 2>/dev/null | grep -v -e '^$' -e '^--$'
   echo

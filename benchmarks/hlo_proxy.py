@@ -1,7 +1,7 @@
 """CPU proxies for accelerator speed: what the XPSR denoising step lowers to, without a GPU.
 
-    python benchmarks/hlo_proxy.py                       # SD 1.5 size, 512 px, CFG batch 2, bf16
-    python benchmarks/hlo_proxy.py --tiny --json out.json
+    python -m benchmarks.hlo_proxy                       # SD 1.5 size, 512 px, CFG batch 2, bf16
+    python -m benchmarks.hlo_proxy --tiny --json out.json
 
 Lowers ControlNet + UNet on the CFG batch (abstract weights: nothing is allocated, nothing compiles)
 and counts, in the StableHLO that every backend starts from: convolutions and dot_generals by
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.common import TINY_UNET
 from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
 
-TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+TINY = TINY_UNET
 _OP = re.compile(r"=\s*\"?stablehlo\.([a-z_]+)\"?[ (].*?->\s*(.*)$")
 _ELEMENT = re.compile(r"tensor<(?:[\d?]+x)*([a-z]+\d*)>")
 

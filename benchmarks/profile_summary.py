@@ -1,6 +1,6 @@
 """Per-op summary of a `jax.profiler` trace: where a jitted step spends its device time.
 
-    python benchmarks/profile_summary.py TRACE_DIR --hlo step.hlo.txt --steps 3 --name train \
+    python -m benchmarks.profile_summary TRACE_DIR --hlo step.hlo.txt --steps 3 --name train \
         --step-ms 412.0 --md train_profile.md --json train_profile.json
 
 TRACE_DIR is what `jax.profiler.trace(TRACE_DIR)` wrote (its newest *.xplane.pb is read with

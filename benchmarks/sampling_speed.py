@@ -1,14 +1,14 @@
 """The whole 20-step XPSR sampling loop (VAE encode, ControlNet + UNet with CFG, DDPM, decode,
 colour fix) per image: xpsr-jax (one jitted call) vs the same loop in PyTorch, same device.
 
-    python benchmarks/sampling_speed.py --size tiny --batch 1            # CPU
-    python benchmarks/sampling_speed.py --size sd15 --batch 1 8 --dtype bfloat16   # GPU, 512 px
+    python -m benchmarks.sampling_speed --size tiny --batch 1            # CPU
+    python -m benchmarks.sampling_speed --size sd15 --batch 1 8 --dtype bfloat16   # GPU, 512 px
 
 Weights are constants (speed does not depend on them). The PyTorch side is tests/torch_reference
 (official names, diffusers layers, SDPA) + diffusers' AutoencoderKL and DDPMScheduler, run
 eagerly (or, with --torch-compile BACKEND, its UNet and ControlNet under torch.compile), the
 release's loop order. Prints compile time, seconds per image and the ratio; --json FILE appends
-the results as records for benchmarks/records.py (the table of benchmarks/gpu_check.sh).
+the results as records for benchmarks/common.py (the table of benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -21,19 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from records import append_record
-from timing import median_ms, time_limit, torch_compiled, torch_median_ms
-from train_speed import MICRO_UNET  # one definition of the "micro" size (the GPU check's --dry-run)
-from xpsr_step_speed import constant_model
+from benchmarks.common import SIZES, TINY_VAE, append_record, median_ms, time_limit, torch_compiled, torch_median_ms
+from benchmarks.xpsr_step_speed import constant_model
 from xpsr_jax.inference.sampling import PromptEmbeds, SamplingPlan, sample, split_networks
 from xpsr_jax.models import AutoencoderKL, AutoencoderKLConfig, XPSRControlNet, XPSRUNet, XPSRUNetConfig
 from xpsr_jax.schedulers import make_sampler, noise_schedule_from_config
 
 SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
-TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
-TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1)
-UNET_SIZES = {"micro": MICRO_UNET, "tiny": TINY_UNET, "sd15": {}}
+UNET_SIZES = {size: unet for size, (unet, _, _) in SIZES.items()}
 CONTEXT_SD15 = 768
 
 
@@ -87,7 +83,8 @@ def build_torch_sampler(size, *, batch, pixels, steps, dtype_name, unet=None, va
     import torch
     from diffusers import AutoencoderKL as TorchVAE
     from diffusers import DDPMScheduler
-    from xpsr_step_speed import torch_reference, torch_unet_keys
+
+    from benchmarks.xpsr_step_speed import torch_reference, torch_unet_keys
 
     _, XPSRControlNetTorch, XPSRUNetTorch = torch_reference()
     unet_keys, vae_keys = model_keys(size, unet, vae)
@@ -161,7 +158,7 @@ def main(argv=None):
     parser.add_argument("--compile-timeout", type=float, default=None,
                         help="seconds the torch.compile build + first call may take before it is reported as failed")
     parser.add_argument("--compile-threads", type=int, default=1, help="compile the batch sizes in parallel")
-    parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/records.py)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/common.py)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, trace one call of the largest batch's loop with jax.profiler and write "
                              "DIR/sampling_profile.{md,json}, the trace and the optimized HLO")
@@ -208,7 +205,7 @@ def main(argv=None):
         if ours is not None:
             loop_ms[batch] = ours * batch * 1000
     if args.profile and samplers:
-        from profile_summary import markdown, profile_compiled
+        from benchmarks.profile_summary import markdown, profile_compiled
 
         batch = max(args.batch)
         run = samplers[batch][1]

@@ -1,9 +1,9 @@
 """XPSR train step speed: xpsr-jax (sharded jitted step) vs the same step in PyTorch on the same device.
 
-    python benchmarks/train_speed.py --dry-run                         # tiny, CPU, well under a minute
-    python benchmarks/train_speed.py --size sd15 --batch 4 --remat attention   # GPU/TPU, 512 px
-    python benchmarks/train_speed.py --size sd15 --batch 1 2 4 --remat none attention --compile-threads 6
-    python benchmarks/train_speed.py --size sd15 --attention-backend cudnn --skip-torch
+    python -m benchmarks.train_speed --dry-run                         # tiny, CPU, well under a minute
+    python -m benchmarks.train_speed --size sd15 --batch 4 --remat attention   # GPU/TPU, 512 px
+    python -m benchmarks.train_speed --size sd15 --batch 1 2 4 --remat none attention --compile-threads 6
+    python -m benchmarks.train_speed --size sd15 --attention-backend cudnn --skip-torch
 
 The step is the whole training step: VAE encode + two CLIP passes (frozen, no gradient),
 ControlNet + UNet forward and backward for the trainable params, global-norm clip, AdamW. Weights
@@ -14,14 +14,12 @@ tests/torch_reference networks + diffusers AutoencoderKL + transformers CLIPText
 the trainable params, bf16 autocast on GPU / fp32 on CPU (eager; --torch-compile BACKEND adds
 the same step with its ControlNet and UNet under torch.compile). Several --batch / --remat values
 time every combination on one shared train state; --json FILE appends the results as records
-for benchmarks/records.py (the table of benchmarks/gpu_check.sh).
+for benchmarks/common.py (the table of benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
@@ -29,30 +27,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from records import append_record  # noqa: E402
-from timing import median_ms, time_limit  # noqa: E402
-from xpsr_jax.models import (AutoencoderKL, AutoencoderKLConfig, CLIPTextConfig, CLIPTextEncoder,  # noqa: E402
-                             XPSRControlNet, XPSRUNet, XPSRUNetConfig)
-from xpsr_jax.schedulers import noise_schedule_from_config  # noqa: E402
-from xpsr_jax.training import (XPSRModels, create_train_state, global_batch, make_mesh,  # noqa: E402
-                               memory_estimate, format_memory_estimate)
-from xpsr_jax.training.models import remat_block_types  # noqa: E402
+from benchmarks.common import SIZES, TINY_CLIP, TINY_VAE, append_record, median_ms, time_limit
+from xpsr_jax.models import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    CLIPTextConfig,
+    CLIPTextEncoder,
+    XPSRControlNet,
+    XPSRUNet,
+    XPSRUNetConfig,
+)
+from xpsr_jax.schedulers import noise_schedule_from_config
+from xpsr_jax.training import (
+    XPSRModels,
+    create_train_state,
+    format_memory_estimate,
+    global_batch,
+    make_mesh,
+    memory_estimate,
+)
+from xpsr_jax.training.models import remat_block_types
 
 # Peak dense bf16 FLOP/s per chip, by substring of jax's device_kind.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
               "TPU v5p": 459e12, "TPU v5": 459e12}
-TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-                 attention_head_dim=4, layers_per_block=1)
-# "micro": two UNet levels (a cross-attention and a plain block each way), so every code path of
-# the step runs at about half the compile cost (the GPU check's --dry-run). Both 32 wide: the
-# pixel attentions of the first up block need its residuals' widths equal, as SD's are.
-MICRO_UNET = dict(TINY_UNET, block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), up_use_lowlevel_prompt=(False, False))
-UNET_SIZES = {"micro": MICRO_UNET, "tiny": TINY_UNET, "sd15": {}}
-TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, layers_per_block=1)
-TINY_CLIP = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+UNET_SIZES = {size: unet for size, (unet, _, _) in SIZES.items()}
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
@@ -209,7 +208,7 @@ def bench_jax(args, compute: str):
         results[key] = images
         step_ms[key] = ms
     if args.profile:  # the largest batch under the first remat policy given: no extra compile
-        from profile_summary import markdown, profile_compiled
+        from benchmarks.profile_summary import markdown, profile_compiled
 
         key = (max(args.batch), args.remat[0])
         summary = profile_compiled(run(*key), info[key]["compiled"], args.profile, "train",
@@ -230,8 +229,9 @@ def torch_trainer(args, compute: str, compile_backend: str | None = None):
     import torch
     import torch.nn.functional as F
     import transformers
-    from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
-    from timing import torch_compiled
+
+    from benchmarks.common import torch_compiled
+    from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = device == "cuda" and compute != "float32"
@@ -368,7 +368,7 @@ def parse_args(argv=None):
                         help="seconds torch.compile + warm-up may take per batch before it is reported as failed")
     parser.add_argument("--compile-threads", type=int, default=1,
                         help="compile the xpsr-jax steps for the (batch, remat) matrix in this many threads")
-    parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/records.py)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/common.py)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, trace --profile-steps steps of the largest batch (first --remat) with "
                              "jax.profiler and write DIR/train_profile.{md,json}, the trace and the optimized HLO")

@@ -1,7 +1,7 @@
 """UNet forward speed, xpsr-jax vs diffusers (PyTorch), at SD 1.5 size with random weights.
 
-    python benchmarks/unet_speed.py --tiny                       # CPU smoke run
-    python benchmarks/unet_speed.py --dtype bfloat16 --batch 2   # GPU: the XPSR CFG batch at 512 px
+    python -m benchmarks.unet_speed --tiny                       # CPU smoke run
+    python -m benchmarks.unet_speed --dtype bfloat16 --batch 2   # GPU: the XPSR CFG batch at 512 px
 
 Prints compile time and median milliseconds per forward for each JAX attention backend and for
 diffusers' UNet2DConditionModel (SDPA attention) in the same dtype when torch and diffusers
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from timing import median_ms, torch_median_ms
+from benchmarks.common import TINY_UNET, median_ms, torch_median_ms
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 
-TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+TINY = TINY_UNET
 
 
 

@@ -1,7 +1,7 @@
 """One XPSR step (ControlNet + UNet forward) per attention backend vs PyTorch, timed round-robin.
 
-    python benchmarks/xpsr_step_backends.py --tiny --latent 32      # 256 px, CPU
-    python benchmarks/xpsr_step_backends.py --tiny --latent 48      # 384 px
+    python -m benchmarks.xpsr_step_backends --tiny --latent 32      # 256 px, CPU
+    python -m benchmarks.xpsr_step_backends --tiny --latent 48      # 384 px
 
 The same step and models as benchmarks/xpsr_step_speed.py, but every backend and the PyTorch
 reference are compiled / built first and then timed in rounds of one call each, so on a noisy
@@ -12,14 +12,12 @@ table: median ms per step over --repeats rounds and the ratio to PyTorch.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-from attention import round_robin_ms
-from xpsr_step_speed import TINY, build_step
+from benchmarks.attention import round_robin_ms
+from benchmarks.xpsr_step_speed import TINY, build_step
 from xpsr_jax.models import XPSRUNetConfig
 
 
@@ -31,8 +29,7 @@ def jax_step(config, *, backend, batch, latent):
 def torch_step(config, *, batch, latent):
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
+    from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch
 
     keys = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
     keys = {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items() if k != "sample_size"}

@@ -1,7 +1,7 @@
 """One XPSR denoising step (ControlNet + UNet on the CFG-doubled batch), xpsr-jax vs the PyTorch reference.
 
-    python benchmarks/xpsr_step_speed.py --tiny                  # CPU smoke run
-    python benchmarks/xpsr_step_speed.py --dtype bfloat16        # GPU: SD 1.5 size, 512 px, batch 2
+    python -m benchmarks.xpsr_step_speed --tiny                  # CPU smoke run
+    python -m benchmarks.xpsr_step_speed --dtype bfloat16        # GPU: SD 1.5 size, 512 px, batch 2
 
 Weights are constants (speed does not depend on their values); the PyTorch side is
 tests/torch_reference (official layer names, diffusers layers with SDPA attention) when torch
@@ -11,19 +11,17 @@ and diffusers are installed. Prints compile time and median ms per step.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from timing import median_ms, torch_compiled, torch_median_ms
+from benchmarks.common import TINY_UNET, median_ms, torch_compiled, torch_median_ms
 from xpsr_jax.models import XPSRControlNet, XPSRUNet, XPSRUNetConfig
 from xpsr_jax.weights.pretrained import eval_shape_model
 
-TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+TINY = TINY_UNET
 
 
 def constant_model(build, dtype):
@@ -68,8 +66,7 @@ def torch_reference():
     """(torch, XPSRControlNetTorch, XPSRUNetTorch) from tests/torch_reference (needs diffusers)."""
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from torch_reference import XPSRControlNetTorch, XPSRUNetTorch
+    from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch
     return torch, XPSRControlNetTorch, XPSRUNetTorch
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_llava import tiny_llava_dir  # noqa: F401  (session fixture)
+from tests.helpers.tiny_llava import tiny_llava_dir  # noqa: F401  (session fixture)
 
 from xpsr_jax.captions import CaptionInputError, load_captions, merge_caption_files
 from xpsr_jax.captions.cli import main

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tests.parity_utils import assert_parity, randomize_torch_parameters  # noqa: E402
+from tests.helpers.parity_utils import assert_parity, randomize_torch_parameters  # noqa: E402
 from xpsr_jax.models.clip import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
 from xpsr_jax.models.tokenizer import load_clip_tokenizer, tokenize  # noqa: E402
 from xpsr_jax.weights import WeightLoadError  # noqa: E402

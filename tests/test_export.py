@@ -28,10 +28,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
-from torch_reference import XPSRControlNetTorch, XPSRUNetTorch  # noqa: E402
-from train_cli_fixtures import REPO, build_tiny_setup  # noqa: E402
-from train_cli_fixtures import tiny_config as fixture_config  # noqa: E402
+from tests.helpers.parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
+from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch  # noqa: E402
+from tests.helpers.train_cli_fixtures import REPO, build_tiny_setup  # noqa: E402
+from tests.helpers.train_cli_fixtures import tiny_config as fixture_config  # noqa: E402
 from xpsr_jax.export import inference_checkpoint as orbax_export  # noqa: E402
 from xpsr_jax.export import torch_layout  # noqa: E402
 from xpsr_jax.export.cli import main  # noqa: E402
@@ -314,7 +314,7 @@ def test_ema_and_half_precision_exports(train_checkpoint, torch_export, tmp_path
 def test_inference_checkpoint_reshards_between_one_and_four_devices(setup, orbax_checkpoint, tmp_path):
     out = tmp_path / "saved_on_4"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "export_multidevice.py"), str(orbax_checkpoint),
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.export_multidevice", str(orbax_checkpoint),
                            str(setup.xpsr), str(out)], env=env, capture_output=True, text=True, timeout=900,
                           cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

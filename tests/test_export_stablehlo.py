@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.infer import get_config
+from xpsr_jax.configs.infer import get_config
 from xpsr_jax.export import cli as export_cli
 from xpsr_jax.export import load_artifact, stablehlo
 from xpsr_jax.weights.artifact import ArtifactError, ArtifactInputError

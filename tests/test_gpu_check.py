@@ -1,4 +1,4 @@
-"""The GPU check (benchmarks/gpu_check.sh): its table builder (benchmarks/records.py) on hand-made
+"""The GPU check (benchmarks/gpu_check.sh): its table builder (benchmarks/common.py) on hand-made
 records (errors, ratios, parity), and the whole script's --dry-run: every row on the CPU at tiny
 ("micro") size, whose table must have a number in every cell it fills (a crashed or timed-out row
 shows `error:`). The dry run costs a few CPU minutes (two train-step compiles in parallel, the
@@ -10,14 +10,11 @@ from __future__ import annotations
 import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import records  # noqa: E402
+from benchmarks import common as records
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:

@@ -5,15 +5,12 @@ accelerator issue's dtype / layout work is measured with)."""
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import jax.numpy as jnp
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import hlo_proxy  # noqa: E402
-from xpsr_jax.models import XPSRUNetConfig  # noqa: E402
+from benchmarks import hlo_proxy
+from xpsr_jax.models import XPSRUNetConfig
 
 
 def test_bf16_step_has_no_f32_convolutions_or_layout_transposes():

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from parity_utils import nhwc_to_nchw
-from torch_pipeline import TorchXPSRPipeline, adain_color_fix_pil
+from tests.helpers.parity_utils import nhwc_to_nchw
+from tests.helpers.torch_pipeline import TorchXPSRPipeline, adain_color_fix_pil
 from xpsr_jax.inference import (InputImageError, SamplingNoise, XPSRPipeline, adain_color_fix, preprocess_lr,
                                 resize_output, wavelet_color_fix)
 from xpsr_jax.inference import sampling as sampling_module
 from xpsr_jax.inference import tiling
 from xpsr_jax.models.tiny import write_tiny_model
-from configs.infer import get_config
+from xpsr_jax.configs.infer import get_config
 
 import jax
 import jax.numpy as jnp
@@ -257,8 +257,7 @@ import sys
 import jax
 import numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
-sys.path.insert(0, ".")
-from configs.infer import get_config
+from xpsr_jax.configs.infer import get_config
 from xpsr_jax.inference import XPSRPipeline, preprocess_lr
 sd15, xpsr = sys.argv[1:3]
 assert jax.device_count() == 4, jax.devices()

@@ -3,9 +3,7 @@ scale's schedule, against torch.cuda.amp.GradScaler's rules."""
 
 from __future__ import annotations
 
-import sys
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,6 @@ import numpy as np
 from xpsr_jax.training.loss_scale import (INITIAL_SCALE, all_finite, initial_loss_scale, scaled_value_and_grad,
                                           update_loss_scale)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
 
 
 def _fp16_loss(params):
@@ -86,7 +83,7 @@ def test_train_step_applies_unscaled_gradients_and_skips_an_overflowing_step(mon
     import optax
     from flax import nnx
 
-    from configs import train as train_configs
+    from xpsr_jax.configs import train as train_configs
     from xpsr_jax.training import step as step_lib
 
     monkeypatch.setattr(step_lib, "latent_shape_for", lambda vae, shape: (1, 1, 1))
@@ -123,7 +120,7 @@ def test_train_step_applies_unscaled_gradients_and_skips_an_overflowing_step(mon
 def test_float16_compute_without_dynamic_scaling_is_a_config_error():
     import pytest
 
-    from configs import train as train_configs
+    from xpsr_jax.configs import train as train_configs
     from xpsr_jax.training.config import ConfigError, validate_train_config
 
     config = train_configs.get_config("tiny")

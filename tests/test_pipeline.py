@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_fixtures import build_tiny_clip_tokenizer, caption_text, write_prepared_work_dir
+from tests.helpers.data_fixtures import build_tiny_clip_tokenizer, caption_text, write_prepared_work_dir
 from xpsr_jax.data import images, pipeline, tfds_builder
 from xpsr_jax.models.tokenizer import tokenize
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_fixtures import textured_rgb, write_captions, write_hr_images
-from tiny_llava import tiny_llava_dir  # noqa: F401  (session fixture)
+from tests.helpers.data_fixtures import textured_rgb, write_captions, write_hr_images
+from tests.helpers.tiny_llava import tiny_llava_dir  # noqa: F401  (session fixture)
 from xpsr_jax.captions.io import load_captions
 from xpsr_jax.data import images, prepare, tfds_builder
 from xpsr_jax.data.degradation import default_degradation_config, degrade, to_uint8, usm_sharpen

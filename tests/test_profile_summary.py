@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import profile_summary  # noqa: E402
-from xpsr_jax.models.attention import dot_product_attention  # noqa: E402
-from xpsr_jax.models.layers import GroupNorm  # noqa: E402
+from benchmarks import profile_summary
+from xpsr_jax.models.attention import dot_product_attention
+from xpsr_jax.models.layers import GroupNorm
 
 
 def _block(x, kernel, weight, norm):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_fixtures import (
+from tests.helpers.data_fixtures import (
     PYTHON,
     caption_text,
     no_tensorflow_env,

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from torch_reference import (  # noqa: E402
+from tests.torch_reference import (  # noqa: E402
     XPSRControlNetTorch, XPSRUNetTorch, resolve_controlnet_config, resolve_unet_config,
 )
 from xpsr_jax.models import load_xpsr  # noqa: E402

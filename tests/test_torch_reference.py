@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
-from torch_reference import (
+from tests.torch_reference import (
     XPSRControlNetTorch,
     XPSRUNetTorch,
     randomize_all_parameters,

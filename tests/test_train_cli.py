@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tensorboard_events import read_events, read_scalars
-from train_cli_fixtures import REPO, build_tiny_setup, tiny_config
+from tests.helpers.tensorboard_events import read_events, read_scalars
+from tests.helpers.train_cli_fixtures import REPO, build_tiny_setup, tiny_config
 from xpsr_jax.training import checkpoint as checkpoint_lib
 from xpsr_jax.training import config as train_config
 from xpsr_jax.training import metrics as metrics_lib

@@ -17,8 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from parity_utils import nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
-from training_fixtures import HEIGHT, SFA_EVERYWHERE, WIDTH, fixed_batch, write_tiny_training_models  # noqa: E402
+from tests.helpers.parity_utils import nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
+from tests.helpers.training_fixtures import HEIGHT, SFA_EVERYWHERE, WIDTH, fixed_batch, write_tiny_training_models  # noqa: E402
 from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config  # noqa: E402
 from xpsr_jax.training import (LossDraws, load_training_models, merge_models, resize_bilinear,  # noqa: E402
                                sample_loss_draws, xpsr_loss)

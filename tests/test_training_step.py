@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from training_fixtures import SFA_EVERYWHERE, fixed_batch, tiny_train_config, write_tiny_training_models  # noqa: E402
+from tests.helpers.training_fixtures import SFA_EVERYWHERE, fixed_batch, tiny_train_config, write_tiny_training_models  # noqa: E402
 from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config  # noqa: E402
 from xpsr_jax.training import (create_train_state, global_batch, load_training_models, make_mesh,  # noqa: E402
                                make_optimizer, make_train_step, memory_estimate, merge_models)
@@ -121,8 +121,9 @@ def test_four_devices_data_and_fsdp_match_one_device(run, tmp_path):
     expected["metric:loss"] = np.asarray(run["history"][0]["loss"])
     np.savez(tmp_path / "expected.npz", **expected)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, str(TESTS / "training_multidevice.py"), str(run["root"]),
-                           str(tmp_path / "expected.npz")], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.training_multidevice", str(run["root"]),
+                           str(tmp_path / "expected.npz")], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=TESTS.parent)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     results = json.loads(line[len("RESULT "):])

@@ -11,7 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tests.parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw, randomize_torch_parameters  # noqa: E402
+from tests.helpers.parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw, randomize_torch_parameters  # noqa: E402
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig  # noqa: E402
 from xpsr_jax.weights.convert import module_state_dict  # noqa: E402
 

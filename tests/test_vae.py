@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from parity_utils import assert_parity, nchw_to_nhwc, randomize_torch_parameters
+from tests.helpers.parity_utils import assert_parity, nchw_to_nhwc, randomize_torch_parameters
 from xpsr_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 from xpsr_jax.weights import WeightLoadError, module_state_dict, read_state_dict, write_state_dict
 from xpsr_jax.weights.files import WeightFileError

@@ -15,8 +15,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tests.parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
-from torch_reference import (  # noqa: E402
+from tests.helpers.parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
+from tests.torch_reference import (  # noqa: E402
     XPSRControlNetTorch, XPSRUNetTorch, randomize_all_parameters, tiny_unet_config,
 )
 from xpsr_jax.models import UNet2DCondition, XPSRControlNet, XPSRUNet, load_xpsr  # noqa: E402
@@ -218,7 +218,7 @@ def test_release_config_keys_are_preserved(release_sfa, tmp_path):
 
 
 def test_parameter_counts_match_the_reference():
-    from torch_reference import tiny_controlnet_config
+    from tests.torch_reference import tiny_controlnet_config
     from xpsr_jax.models.param_count import parameter_counts
     from xpsr_jax.models.unet import UNet2DConditionConfig
 
@@ -267,7 +267,7 @@ def test_remat_gives_the_same_gradients():
 
 def test_controlnet_switches_match_reference(tmp_path):
     """Official switches: RRDB preprocessor on, rgb and latent heads off, BGR input, pooled residuals."""
-    from torch_reference import tiny_controlnet_config
+    from tests.torch_reference import tiny_controlnet_config
 
     config = tiny_controlnet_config(layers_per_block=1, use_rrdb=True, return_rgbs=False, use_latent_pred=False,
                                     controlnet_conditioning_channel_order="bgr", global_pool_conditions=True,

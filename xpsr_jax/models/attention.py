@@ -48,7 +48,7 @@ BLOCKWISE_LOGITS_BLOCK_VALUES = 1 << 20
 BLOCKWISE_MIN_KEY_BLOCK = 128
 
 # What "auto" runs on CPU, by logits per (batch, head) = queries x keys: the first row whose
-# bound is >= the shape's. Measured with `python benchmarks/attention.py --heads 4 --head-dim
+# bound is >= the shape's. Measured with `python -m benchmarks.attention --heads 4 --head-dim
 # {8,16} --tokens ... [--kv-tokens 77] --repeats 9` on the 2-core CPU (shared, load 7-9), fp32,
 # batch 2; ms, medians of round-robin rounds, xla / chunked / blockwise (torch SDPA):
 #   4 x 8,  64 x 64:       0.30 / 0.26 / 0.22  (19.6, overhead-bound)

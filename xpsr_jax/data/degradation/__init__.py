@@ -44,7 +44,7 @@ Modules: `config` (defaults, validation), `ops` (pure image ops), `plan` (drawin
 
 CLI:
   python -m xpsr_jax.data.degradation --image hr.png --out lr.png --seed 0 --example-id 3
-  python benchmarks/degradation_speed.py --crops 50 --size 512 --threads 1      # crops/s
+  python -m benchmarks.degradation_speed --crops 50 --size 512 --threads 1      # crops/s
 """
 
 

@@ -22,26 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_cli_fixtures import (build_tiny_setup, run_and_signal, run_train, run_two_processes,
+from tests.helpers.tensorboard_events import read_scalars
+from tests.helpers.train_cli_fixtures import (run_and_signal, run_train, run_two_processes,
                                 write_validation_images)
 from xpsr_jax.training import metrics as metrics_lib
 
-TOTAL_STEPS = 12
-LOSS_KEYS = ("loss", "mse", "dfc", "grad_norm")
+from tests.test_train_cli import LOSS_KEYS, TOTAL_STEPS, losses, setup  # noqa: F401  (setup: a fixture)
 
+pytestmark = pytest.mark.end_to_end  # outside the default run (setup.cfg)
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return build_tiny_setup(tmp_path_factory.mktemp("train_cli"))
-
-
-
-
-def losses(workdir: Path) -> dict[int, dict[str, float]]:
-    records = metrics_lib.read_metrics_jsonl(workdir / "metrics.jsonl")
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)), f"steps repeated or out of order: {steps}"
-    return {r["step"]: {k: r[k] for k in LOSS_KEYS} for r in records}
 
 
 # ----------------------------------------------------------------------------- TensorBoard

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from data_fixtures import write_prepared_work_dir
+from tests.helpers.data_fixtures import write_prepared_work_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 
@@ -69,9 +69,7 @@ def write_validation_images(root: Path, count: int = 1, lr_size: int = 16) -> Pa
 
 def tiny_config(setup: TinySetup, **overrides):
     """configs/train.py:tiny on `setup`; overrides by dotted key ("optimizer.learning_rate")."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from configs import train as train_configs
+    from xpsr_jax.configs import train as train_configs
 
     config = train_configs.get_config("tiny")
     config.base_model = str(setup.sd15)

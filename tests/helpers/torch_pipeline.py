@@ -12,17 +12,14 @@ so a run can be replayed draw for draw against xpsr_jax.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_reference import XPSRControlNetTorch, XPSRUNetTorch  # noqa: E402
-
-from xpsr_jax.weights.files import read_state_dict  # noqa: E402
+from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch
+from xpsr_jax.weights.files import read_state_dict
 
 ADDED_PROMPT = "clean, high-resolution, 8k, high quality, clear text."
 NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."

@@ -1,6 +1,6 @@
 """Run by tests/test_export.py in a subprocess with 4 simulated CPU devices:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/export_multidevice.py \
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.helpers.export_multidevice \
         CHECKPOINT_1DEV RELEASE OUT_4DEV
 
 1. Restores CHECKPOINT_1DEV (an inference checkpoint written on 1 device) onto a data=1 x
@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

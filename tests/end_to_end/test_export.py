@@ -13,11 +13,13 @@ import time
 
 import pytest
 
-from test_export import (MANIFEST, NETWORKS, WEIGHTS, assert_no_output, assert_same_tensors,  # noqa: F401
+from tests.test_export import (MANIFEST, NETWORKS, WEIGHTS, assert_no_output, assert_same_tensors,  # noqa: F401
                          release_tensors, run_cli, setup, tiny_config)
 
+pytestmark = pytest.mark.end_to_end  # outside the default run (setup.cfg)
 
-def test_init_from_release_trained_with_zero_learning_rate_exports_the_same_bytes(setup, tmp_path, capsys):
+
+def test_init_from_release_trained_with_zero_learning_rate_exports_the_same_bytes(setup, tmp_path, capsys):  # noqa: F811
     from xpsr_jax.training.loop import train
 
     config = tiny_config(setup, total_steps=2, checkpoint_every=2, **{"optimizer.learning_rate": 0.0})

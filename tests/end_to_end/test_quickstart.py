@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_quickstart import IMAGES, write_examples
+from tests.test_quickstart import IMAGES, write_examples
 from xpsr_jax import quickstart
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.end_to_end  # outside the default run (setup.cfg)
+
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 # The README command, with the tiny model's UNet cut to one layer per block (train_cli_fixtures
@@ -35,6 +37,7 @@ import sys
 from unittest import mock
 from xpsr_jax import quickstart
 from xpsr_jax.models import tiny
+
 with mock.patch.dict(tiny.UNET_CONFIG, {"layers_per_block": 1}):
     sys.exit(quickstart.main(sys.argv[1:]))
 """

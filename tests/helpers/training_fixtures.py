@@ -18,8 +18,8 @@ from typing import NamedTuple
 import numpy as np
 from ml_collections import config_dict
 
-from parity_utils import randomize_torch_parameters
-from torch_reference import XPSRControlNetTorch, XPSRUNetTorch, randomize_all_parameters, tiny_unet_config
+from tests.helpers.parity_utils import randomize_torch_parameters
+from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch, randomize_all_parameters, tiny_unet_config
 from xpsr_jax.weights.files import write_state_dict
 
 # SFA in the UNet's mid and last up block covers every trainable module kind while keeping the

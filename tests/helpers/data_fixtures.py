@@ -128,7 +128,7 @@ def no_tensorflow_env(folder) -> dict[str, str]:
     (package / "__init__.py").write_text(
         'raise ImportError("tensorflow is blocked for this test")\n')
     env = dict(os.environ)
-    repo_root = str(pathlib.Path(__file__).resolve().parent.parent)
+    repo_root = str(pathlib.Path(__file__).resolve().parents[2])
     paths = [str(folder), repo_root, *env.get("PYTHONPATH", "").split(os.pathsep)]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["PYTHONIOENCODING"] = "utf-8"

@@ -1,6 +1,6 @@
 """Run by tests/test_training_step.py in a subprocess with 4 simulated CPU devices:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/training_multidevice.py ROOT EXPECTED.npz
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.helpers.training_multidevice ROOT EXPECTED.npz
 
 ROOT holds the tiny models (tests/training_fixtures.py), EXPECTED.npz the 1-device loss and
 updated params after one step. One step on mesh data=4, and on data=2 x fsdp=2 with trainable
@@ -14,8 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
-
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -24,7 +22,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from training_fixtures import SFA_EVERYWHERE, fixed_batch, tiny_train_config  # noqa: E402
+from tests.helpers.training_fixtures import SFA_EVERYWHERE, fixed_batch, tiny_train_config  # noqa: E402
 from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config  # noqa: E402
 from xpsr_jax.training import create_train_state, global_batch, load_training_models, make_mesh, make_train_step  # noqa: E402
 from xpsr_jax.training.sharding import fsdp_partition_spec  # noqa: E402
