@@ -293,3 +293,20 @@ def test_help_runs_as_a_module():
     help_text = " ".join(result.stdout.split())  # argparse wraps lines
     for text in ("--num-shards", "CUDA_VISIBLE_DEVICES", QUESTIONS["lowlevel"]):
         assert text in help_text
+
+
+def test_a_config_file_sets_options_and_flags_win(tmp_path):
+    """--config FILE.py: loaded as every command loads configs; flags given on the line win."""
+    from xpsr_jax.captions import cli
+
+    config_file = tmp_path / "captions_config.py"
+    config_file.write_text("from xpsr_jax.captions.config import get_config as defaults\n\n\n"
+                           "def get_config(arg=None):\n    config = defaults()\n    config.batch_size = 3\n"
+                           "    config.max_new_tokens = 64\n    return config\n")
+    parse = cli.build_parser().parse_args
+    config = cli.config_from_args(parse(["--lr-dir", "lr", "--config", str(config_file), "--max-new-tokens", "5"]))
+    assert (config.batch_size, config.max_new_tokens, config.lr_dir) == (3, 5, "lr")
+    config_file.write_text("from ml_collections import config_dict\n\n\ndef get_config(arg=None):\n"
+                           "    return config_dict.ConfigDict({'batchsize': 2})\n")
+    with pytest.raises(cli.io.CaptionInputError, match=r"unknown caption keys \['batchsize'\]"):
+        cli.config_from_args(parse(["--lr-dir", "lr", "--config", str(config_file)]))

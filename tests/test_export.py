@@ -29,22 +29,21 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tests.helpers.parity_utils import assert_parity, nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
-from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch  # noqa: E402
 from tests.helpers.train_cli_fixtures import REPO, build_tiny_setup  # noqa: E402
 from tests.helpers.train_cli_fixtures import tiny_config as fixture_config  # noqa: E402
+from tests.torch_reference import XPSRControlNetTorch, XPSRUNetTorch  # noqa: E402
 from xpsr_jax.export import inference_checkpoint as orbax_export  # noqa: E402
 from xpsr_jax.export import torch_layout  # noqa: E402
 from xpsr_jax.export.cli import main  # noqa: E402
-from xpsr_jax.models.loading import load_inference_checkpoint  # noqa: E402
-from xpsr_jax.weights.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format  # noqa: E402
+from xpsr_jax.models.loading import abstract_network, load_inference_checkpoint  # noqa: E402
 from xpsr_jax.training import config as train_config  # noqa: E402
 from xpsr_jax.training.checkpoint import TrainCheckpoints  # noqa: E402
+from xpsr_jax.weights import files as weight_files  # noqa: E402
 from xpsr_jax.weights import fingerprints  # noqa: E402
 from xpsr_jax.weights import formats as weight_formats  # noqa: E402
-from xpsr_jax.weights import files as weight_files  # noqa: E402
 from xpsr_jax.weights.convert import module_state_dict  # noqa: E402
 from xpsr_jax.weights.files import read_state_dict, write_state_dict  # noqa: E402
-
+from xpsr_jax.weights.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format  # noqa: E402
 
 NETWORKS = ("unet", "controlnet")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -232,9 +231,15 @@ def test_training_checkpoint_to_torch_layout_matches_the_reference(train_checkpo
 def test_checkpoint_of_a_run_from_sd15_merges_with_the_sd_unet(setup, tmp_path, capsys):
     """init_from "": the frozen UNet part is base_model's SD UNet; the configs are the ones the
     official rule derives (from_sd_unet; from_unet with its default pyramid widths)."""
-    from xpsr_jax.models import (AutoencoderKL, CLIPTextEncoder, UNet2DCondition, XPSRControlNet, XPSRUNet,
-                                 XPSRUNetConfig)
-    from xpsr_jax.models import tiny
+    from xpsr_jax.models import (
+        AutoencoderKL,
+        CLIPTextEncoder,
+        UNet2DCondition,
+        XPSRControlNet,
+        XPSRUNet,
+        XPSRUNetConfig,
+        tiny,
+    )
     from xpsr_jax.models.xpsr_init import apply_official_init
     from xpsr_jax.training.models import XPSRModels
     from xpsr_jax.training.sharding import make_mesh
@@ -243,7 +248,7 @@ def test_checkpoint_of_a_run_from_sd15_merges_with_the_sd_unet(setup, tmp_path, 
 
     sd_unet = UNet2DCondition.from_pretrained(setup.sd15, subfolder="unet")
     unet_config = XPSRUNetConfig.from_sd(sd_unet.config)  # XPSRUNet.from_sd_unet's config
-    unet = tiny.randomized(tiny.abstract_model(XPSRUNet, unet_config), seed=5, network="unet")
+    unet = tiny.randomized(abstract_network(XPSRUNet, unet_config), seed=5, network="unet")
     unet, _ = apply_official_init(unet, module_state_dict(sd_unet), source_name="SD UNet")
     abstract = eval_shape_model(lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0),
                                                                  load_weights_from_unet=False)[0])

@@ -64,7 +64,7 @@ def live_pipe(tiny):
 
 def export_argv(tiny, out, *extra):
     return ["stablehlo", "--weights", str(tiny.xpsr), "--sd15", str(tiny.sd15), "--config",
-            f"{REPO / 'configs' / 'infer.py'}:tiny", "--set", f"num_inference_steps={STEPS}", "--out", str(out), *extra]
+            f"{REPO / 'configs' / 'infer.py'}:tiny", f"--config.num_inference_steps={STEPS}", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +280,13 @@ def test_export_errors_leave_no_partial_output(tiny, live_pipe, tmp_path, capsys
     empty.mkdir()
     code = export_cli.main(["stablehlo", "--weights", str(tiny.xpsr), "--sd15", str(empty), "--out", str(out)])
     assert code == 2 and f"{empty}: missing SD 1.5 subfolder(s)" in capsys.readouterr().err
-    code = export_cli.main(export_argv(tiny, out, "--set", "sampler=euler"))
+    code = export_cli.main(export_argv(tiny, out, "--config.sampler=euler"))
     assert code == 2 and "sampler='euler' is invalid" in capsys.readouterr().err
+    code = export_cli.main(export_argv(tiny, out, "--set", "sampler=euler"))  # the old spelling
+    err = capsys.readouterr().err
+    assert code == 2 and "sampler='euler' is invalid" in err and "now spelled --config.KEY=VALUE" in err
+    code = export_cli.main(["orbax", "--weights", str(tiny.xpsr), "--out", str(out), "--config.sampler=ddim"])
+    assert code == 2 and "only `stablehlo` takes a config" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     code = export_cli.main(export_argv(tiny, tmp_path / "taken"))
     assert code == 2 and "taken: already exists; choose a new --out or pass --overwrite" in capsys.readouterr().err

@@ -19,7 +19,12 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_dict, config_flags
 
-from xpsr_jax.cli_config import ConfigFlagError, load_config_file, resolve_config_args, split_config_args
+from xpsr_jax.cli_config import (
+    ConfigFlagError,
+    load_config_file,
+    resolve_config_args,
+    split_config_args,
+)
 from xpsr_jax.distributed import DistributedOptions
 from xpsr_jax.training.config import ConfigError
 from xpsr_jax.training.loop import TrainingDiverged, train

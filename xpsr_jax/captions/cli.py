@@ -26,6 +26,7 @@ from xpsr_jax.captions import (
     work,
 )
 from xpsr_jax.captions.config import DTYPES, QUESTIONS, TASKS, get_config, question_for
+from xpsr_jax.cli_config import ConfigFlagError, load_config_file
 
 EPILOG = """\
 examples:
@@ -113,15 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge", nargs="+", metavar="FILE",
         help="instead of captioning: merge these caption files (dedupe, check) into --output",
     )
+    parser.add_argument("--config", metavar="FILE.py[:VARIANT]",
+                        help="a config file whose get_config() sets any of these options (flags win)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> config_dict.ConfigDict:
-    """The locked run config: defaults overridden by the parsed arguments."""
+    """The locked run config: defaults (or a --config file's, loaded as every command loads
+    configs), overridden by the parsed arguments."""
     config = get_config()
+    defaults = get_config()
+    if args.config:
+        try:
+            loaded = load_config_file(args.config)
+        except ConfigFlagError as error:
+            raise io.CaptionInputError(str(error)) from error
+        unknown = sorted(set(loaded) - set(config))
+        if unknown:
+            raise io.CaptionInputError(f"--config {args.config}: unknown caption keys {unknown}; valid: "
+                                       f"{', '.join(sorted(config))}")
+        for key in loaded:
+            config[key] = loaded[key]
     for key in config:
         value = getattr(args, key)
-        if value is not None:
+        # The parser's defaults are get_config()'s: a flag overrides a --config file only if given
+        # with another value.
+        if value is not None and (not args.config or value != defaults[key]):
             setattr(config, key, value)
     if config.prompt_template is not None:
         # Shells pass "\n" literally; the template needs a real newline.

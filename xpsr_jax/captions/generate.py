@@ -100,7 +100,10 @@ class Captioner:
         template, for model folders that ship none.
         """
         import_torch()
-        from transformers import AutoModelForImageTextToText, AutoProcessor  # lazy: as above
+        from transformers import (  # lazy: as above
+            AutoModelForImageTextToText,
+            AutoProcessor,
+        )
 
         check_model_dir(model_dir)
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)

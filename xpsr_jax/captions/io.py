@@ -29,8 +29,9 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 from xpsr_jax.captions.config import TASKS
+from xpsr_jax.files import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 SOURCES = ("lr", "hr")
 RECORD_FIELDS = ("image_id", "source", "task", "text", "model", "question")
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from xpsr_jax.files import IMAGE_SUFFIXES  # noqa: F401  (re-exported: data.images.IMAGE_SUFFIXES)
 
 # PNG zlib level: lossless at every level; 3 is ~3x faster to write than 9 for ~10% more bytes.
 _PNG_COMPRESSION = 3

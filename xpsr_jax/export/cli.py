@@ -3,7 +3,7 @@
     python -m xpsr_jax.export torch --workdir runs/xpsr --out xpsr-release
     python -m xpsr_jax.export orbax --weights xpsr-release --out xpsr-orbax
     python -m xpsr_jax.export stablehlo --weights xpsr-release --sd15 sd15 \
-        --config configs/infer.py --out xpsr-stablehlo
+        --config configs/infer.py --config.num_inference_steps=20 --out xpsr-stablehlo
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
 the modules are imported only when their subcommand runs.
@@ -16,6 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from xpsr_jax.cli_config import split_config_args
 from xpsr_jax.export.output import ExportError
 from xpsr_jax.weights.formats import WeightsFormatError
 
@@ -36,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # --config.KEY=VALUE overrides (the stablehlo recipe) are ml_collections flags, not argparse's.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [arg for arg in split_config_args(argv)[0] if arg.startswith(("--config.", "--noconfig."))]
+    rest = [arg for arg in argv if arg not in overrides]
+    args = build_parser().parse_args(rest)
+    if overrides and args.format != "stablehlo":
+        print(f"export {args.format}: error: {overrides[0]}: only `stablehlo` takes a config", file=sys.stderr)
+        return 2
+    args.config_overrides = overrides
     module = importlib.import_module(SUBCOMMANDS[args.format][0])
     try:
         return int(module.run(args) or 0)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -62,10 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "orbax inference checkpoint (python -m xpsr_jax.export orbax)")
     parser.add_argument("--sd15", help="SD 1.5 folder (vae/, text_encoder/, tokenizer/, scheduler/); "
                         "default: --weights when it has them")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="inference config file[:variant] "
-                        "(default: configs/infer.py); the recipe is fixed into the artifact")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE.py[:VARIANT]",
+                        help="inference config (default: configs/infer.py); --config.KEY=VALUE overrides one "
+                             "value, as for infer.py; the recipe is fixed into the artifact")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="config override, as infer.py's --config.KEY=VALUE (repeatable)")
+                        help="old spelling of --config.KEY=VALUE (still accepted)")
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--weights-mode", choices=WEIGHTS_MODES, default="argument",
                         help="argument: weights saved in weights.safetensors and passed to every call "
@@ -105,8 +107,11 @@ def parse_batch_sizes(text: str) -> list[int] | None:
 
 
 def run(args) -> int:
+    if args.overrides:
+        print("note: --set KEY=VALUE is now spelled --config.KEY=VALUE", file=sys.stderr)
     try:
-        config, _ = parse_config_flags(["--config", args.config] + [f"--config.{kv}" for kv in args.overrides],
+        config, _ = parse_config_flags(["--config", args.config, *getattr(args, "config_overrides", []),
+                                        *(f"--config.{kv}" for kv in args.overrides)],
                                        default=DEFAULT_CONFIG, prog="python -m xpsr_jax.export stablehlo")
     except ConfigFlagError as error:
         raise ExportError(str(error)) from error

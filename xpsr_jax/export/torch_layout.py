@@ -46,9 +46,19 @@ from xpsr_jax.training.checkpoint import CHECKPOINT_DIR, finalized_steps
 from xpsr_jax.training.models import check_release_config, sfa_overrides
 from xpsr_jax.training.trainable import split_trainable
 from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict
-from xpsr_jax.weights.files import read_state_dict, resolve_weights_file, write_state_dict
+from xpsr_jax.weights.files import (
+    read_state_dict,
+    resolve_weights_file,
+    write_state_dict,
+)
 from xpsr_jax.weights.fingerprints import init_from_fingerprint, weights_fingerprint
-from xpsr_jax.weights.formats import MANIFEST, ORBAX_INFERENCE, RELEASE, detect_weights_format, folder_checksums
+from xpsr_jax.weights.formats import (
+    MANIFEST,
+    ORBAX_INFERENCE,
+    RELEASE,
+    detect_weights_format,
+    folder_checksums,
+)
 
 DTYPES = DTYPE_NAMES
 NETWORKS = ("unet", "controlnet")

@@ -29,7 +29,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, split_config_args
-from xpsr_jax.data.images import IMAGE_SUFFIXES, ImageReadError, read_rgb, write_png_atomic
+from xpsr_jax.data.images import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    read_rgb,
+    write_png_atomic,
+)
 from xpsr_jax.distributed import DistributedOptions, initialize_distributed
 from xpsr_jax.inference.artifact import (
     ArtifactRunner,
@@ -41,7 +46,12 @@ from xpsr_jax.inference.batching import super_resolve_iter
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
 from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr
-from xpsr_jax.inference.prompts import OFFICIAL_LR_FOLDER, MissingPromptError, PromptSource, is_official_layout
+from xpsr_jax.inference.prompts import (
+    OFFICIAL_LR_FOLDER,
+    MissingPromptError,
+    PromptSource,
+    is_official_layout,
+)
 from xpsr_jax.weights.artifact import ArtifactInputError, load_artifact
 
 DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/configs/infer.py)

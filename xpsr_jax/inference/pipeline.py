@@ -30,9 +30,26 @@ from ml_collections import config_dict
 
 from xpsr_jax.inference.batching import super_resolve
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
-from xpsr_jax.inference.sampling import PromptEmbeds, SampleOutput, SamplingNoise, SamplingPlan, sample, split_networks
-from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, load_clip_tokenizer, load_xpsr_networks, tokenize
-from xpsr_jax.schedulers import load_scheduler_config, make_sampler, noise_schedule_from_config
+from xpsr_jax.inference.sampling import (
+    PromptEmbeds,
+    SampleOutput,
+    SamplingNoise,
+    SamplingPlan,
+    sample,
+    split_networks,
+)
+from xpsr_jax.models import (
+    AutoencoderKL,
+    CLIPTextEncoder,
+    load_clip_tokenizer,
+    load_xpsr_networks,
+    tokenize,
+)
+from xpsr_jax.schedulers import (
+    load_scheduler_config,
+    make_sampler,
+    noise_schedule_from_config,
+)
 from xpsr_jax.weights.formats import MANIFEST, SD15_INFERENCE_PARTS, WeightsFormatError
 
 

@@ -39,7 +39,6 @@ theirs (`apply_official_init`). tests/test_tiny_model.py checks both against the
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import time
@@ -51,14 +50,24 @@ import numpy as np
 from flax import nnx
 
 from xpsr_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
-from xpsr_jax.models.tiny_tokenizer import BOS_TOKEN, EOS_TOKEN, tiny_clip_vocab, write_tiny_clip_tokenizer
+from xpsr_jax.models.loading import abstract_network
+from xpsr_jax.models.tiny_tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    tiny_clip_vocab,
+    write_tiny_clip_tokenizer,
+)
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 from xpsr_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
 from xpsr_jax.models.xpsr_init import apply_official_init
 from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
-from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict, to_torch_layout, torch_key
-from xpsr_jax.weights.pretrained import eval_shape_model
+from xpsr_jax.weights.convert import (
+    load_state_dict_into,
+    module_state_dict,
+    to_torch_layout,
+    torch_key,
+)
 
 SD_DOWN_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 SD_UP_BLOCKS = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
@@ -164,24 +173,6 @@ class TinyModelPaths(NamedTuple):
     xpsr: Path
 
 
-@functools.lru_cache(maxsize=16)
-def _abstract_graph(model_class: type, config, config_json: str) -> tuple[nnx.GraphDef, nnx.State]:
-    del config_json  # part of the cache key: configs compare equal without their raw keys
-
-    # eval_shape_model: nnx.eval_shape without its quadratic rng-counter cost, as from_pretrained.
-    return nnx.split(eval_shape_model(lambda: model_class(config, rngs=nnx.Rngs(0))))
-
-
-def abstract_model(model_class: type, config) -> nnx.Module:
-    """`model_class(config, rngs=...)` built for shapes only (nnx.eval_shape): no initialiser runs.
-
-    The traced build is cached per (class, config), so writing a second model of the same
-    architecture skips it; every call returns a new module.
-    """
-    config_json = json.dumps(config.to_dict(), sort_keys=True)
-    return nnx.merge(*_abstract_graph(model_class, config, config_json))
-
-
 # Layers the official init leaves at zero: small but non-zero, so they matter without making the
 # sampling dynamics chaotic. Measured on the 20-step DDPM recipe (guidance 4.5): with unit-gain
 # kernels and full-size zero convs a 1e-5 change of the initial latent moved the final one by
@@ -206,7 +197,7 @@ def random_tensor(torch_name: str, leaf: str, shape: tuple[int, ...], *, seed: i
 
 
 def randomized(abstract: nnx.Module, *, seed: int, network: str) -> nnx.Module:
-    """`abstract` (from `abstract_model`) with every parameter random (see `random_tensor`)."""
+    """`abstract` (from `abstract_network`) with every parameter random (see `random_tensor`)."""
     state_dict = {}
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         value = variable.get_value()
@@ -230,15 +221,15 @@ def write_sd15(folder: str | os.PathLike, *, seed: int) -> UNet2DCondition:
         {**TEXT_ENCODER_CONFIG, "vocab_size": len(vocab), "bos_token_id": vocab[BOS_TOKEN],
          "eos_token_id": vocab[EOS_TOKEN], "pad_token_id": vocab[EOS_TOKEN]},
         source=str(folder / "text_encoder"))
-    text_encoder = abstract_model(CLIPTextEncoder, text_config)
+    text_encoder = abstract_network(CLIPTextEncoder, text_config)
     randomized(text_encoder, seed=seed, network="text_encoder").save_pretrained(folder / "text_encoder")
 
     vae_config = AutoencoderKLConfig.from_dict(VAE_CONFIG, source=str(folder / "vae"))
-    vae = abstract_model(AutoencoderKL, vae_config)
+    vae = abstract_network(AutoencoderKL, vae_config)
     randomized(vae, seed=seed, network="vae").save_pretrained(folder / "vae")
 
     unet_config = UNet2DConditionConfig.from_dict(UNET_CONFIG, source=str(folder / "unet"))
-    unet = randomized(abstract_model(UNet2DCondition, unet_config), seed=seed, network="unet")
+    unet = randomized(abstract_network(UNet2DCondition, unet_config), seed=seed, network="unet")
     unet.save_pretrained(folder / "unet")
     _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
     _write_json(folder / "model_index.json", MODEL_INDEX)
@@ -249,13 +240,13 @@ def write_xpsr_release(folder: str | os.PathLike, sd_unet: UNet2DCondition, *, s
     """`folder/unet` and `folder/controlnet`, initialised from `sd_unet` by the official rule."""
     folder = Path(folder)
     unet_config = XPSRUNetConfig.from_sd(sd_unet.config)
-    unet = randomized(abstract_model(XPSRUNet, unet_config), seed=seed, network="xpsr_unet")
+    unet = randomized(abstract_network(XPSRUNet, unet_config), seed=seed, network="xpsr_unet")
     unet, _ = apply_official_init(unet, module_state_dict(sd_unet), source_name="SD UNet")
     unet.save_pretrained(folder / "unet")
 
     controlnet_config = XPSRControlNetConfig.from_unet(
         unet_config, conditioning_embedding_out_channels=CONDITIONING_EMBEDDING_OUT_CHANNELS)
-    controlnet = randomized(abstract_model(XPSRControlNet, controlnet_config),
+    controlnet = randomized(abstract_network(XPSRControlNet, controlnet_config),
                             seed=seed, network="xpsr_controlnet")
     controlnet, _ = apply_official_init(controlnet, module_state_dict(unet), source_name="XPSR UNet",
                                         prefixes=("conv_in.", "time_embedding.", "down_blocks.", "mid_block."))

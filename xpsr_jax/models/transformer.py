@@ -10,7 +10,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xpsr_jax.models.attention import Attention
-from xpsr_jax.models.layers import GroupNorm, Identity, LayerNorm, conv2d, linear, tokens
+from xpsr_jax.models.layers import (
+    GroupNorm,
+    Identity,
+    LayerNorm,
+    conv2d,
+    linear,
+    tokens,
+)
 
 
 class GEGLU(nnx.Module):

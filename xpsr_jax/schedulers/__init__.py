@@ -16,9 +16,18 @@ from xpsr_jax.schedulers.config import load_scheduler_config
 from xpsr_jax.schedulers.ddim import DDIMSampler
 from xpsr_jax.schedulers.ddpm import DDPMSampler
 from xpsr_jax.schedulers.dpm_solver import DPMSolverSampler
-from xpsr_jax.schedulers.noise_schedule import NoiseSchedule, add_noise, get_velocity, noise_schedule_from_config
+from xpsr_jax.schedulers.noise_schedule import (
+    NoiseSchedule,
+    add_noise,
+    get_velocity,
+    noise_schedule_from_config,
+)
 from xpsr_jax.schedulers.sampler import SAMPLERS, make_sampler
-from xpsr_jax.schedulers.timesteps import TIMESTEP_SPACINGS, discrete_timesteps, multistep_timesteps
+from xpsr_jax.schedulers.timesteps import (
+    TIMESTEP_SPACINGS,
+    discrete_timesteps,
+    multistep_timesteps,
+)
 from xpsr_jax.schedulers.unipc import UniPCSampler
 
 __all__ = [

@@ -11,7 +11,13 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from xpsr_jax.schedulers.base import Sampler, check_step_inputs, compute_dtype, predicted_epsilon, read_sampler_settings
+from xpsr_jax.schedulers.base import (
+    Sampler,
+    check_step_inputs,
+    compute_dtype,
+    predicted_epsilon,
+    read_sampler_settings,
+)
 from xpsr_jax.schedulers.noise_schedule import alphas_cumprod_float64
 from xpsr_jax.schedulers.timesteps import TIMESTEP_SPACINGS, discrete_timesteps
 

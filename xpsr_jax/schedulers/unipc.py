@@ -20,7 +20,12 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from xpsr_jax.schedulers.base import Sampler, check_step_inputs, compute_dtype, read_sampler_settings
+from xpsr_jax.schedulers.base import (
+    Sampler,
+    check_step_inputs,
+    compute_dtype,
+    read_sampler_settings,
+)
 from xpsr_jax.schedulers.dpm_solver import FINAL_SIGMAS_TYPES, sigma_tables
 from xpsr_jax.schedulers.noise_schedule import alphas_cumprod_float64
 from xpsr_jax.schedulers.timesteps import TIMESTEP_SPACINGS, multistep_timesteps

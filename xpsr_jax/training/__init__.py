@@ -2,9 +2,18 @@
 
 from xpsr_jax.training.loss import BATCH_KEYS, LossDraws, sample_loss_draws, xpsr_loss
 from xpsr_jax.training.models import XPSRModels, init_xpsr_from_sd, load_training_models
-from xpsr_jax.training.optimizer import ema_update, make_learning_rate_schedule, make_optimizer
+from xpsr_jax.training.optimizer import (
+                                    ema_update,
+                                    make_learning_rate_schedule,
+                                    make_optimizer,
+)
 from xpsr_jax.training.resize import resize_bilinear
-from xpsr_jax.training.sharding import batch_sharding, global_batch, make_mesh, tree_shardings
+from xpsr_jax.training.sharding import (
+                                    batch_sharding,
+                                    global_batch,
+                                    make_mesh,
+                                    tree_shardings,
+)
 from xpsr_jax.training.step import (
                                     CompiledTrainStep,
                                     TrainState,
@@ -15,7 +24,11 @@ from xpsr_jax.training.step import (
                                     merge_models,
                                     state_shardings,
 )
-from xpsr_jax.training.trainable import TRAINABLE_UNET_MODULES, is_trainable_unet_path, trainable_filter
+from xpsr_jax.training.trainable import (
+                                    TRAINABLE_UNET_MODULES,
+                                    is_trainable_unet_path,
+                                    trainable_filter,
+)
 
 __all__ = [
     "BATCH_KEYS", "CompiledTrainStep", "LossDraws", "TRAINABLE_UNET_MODULES", "TrainState", "XPSRModels",

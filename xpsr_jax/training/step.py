@@ -23,7 +23,12 @@ from jax.sharding import Mesh
 
 from xpsr_jax.models.dtypes import dtype_from_name
 from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
-from xpsr_jax.training.loss_scale import all_finite, initial_loss_scale, scaled_value_and_grad, update_loss_scale
+from xpsr_jax.training.loss_scale import (
+    all_finite,
+    initial_loss_scale,
+    scaled_value_and_grad,
+    update_loss_scale,
+)
 from xpsr_jax.training.models import XPSRModels
 from xpsr_jax.training.optimizer import ema_update, learning_rate_at, make_optimizer
 from xpsr_jax.training.sharding import batch_sharding, replicated, tree_shardings

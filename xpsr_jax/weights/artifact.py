@@ -24,7 +24,12 @@ import numpy as np
 from jax import export
 from safetensors.flax import load_file
 
-from xpsr_jax.weights.formats import MANIFEST, STABLEHLO, WeightsFormatError, read_manifest
+from xpsr_jax.weights.formats import (
+    MANIFEST,
+    STABLEHLO,
+    WeightsFormatError,
+    read_manifest,
+)
 
 METADATA = "metadata.json"  # the artifact's description of its programs (written by export/stablehlo.py)
 PROMPT_FIELDS = ("highlevel", "highlevel_negative", "lowlevel", "lowlevel_negative")
@@ -192,7 +197,7 @@ class StableHLOArtifact:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import CLIPTokenizer  # lazy: seconds to import; only prompts given as text
+            from transformers import CLIPTokenizer  # lazy: slow to import; only text prompts need it
 
             folder = self.path / self.metadata["prompts"]["tokenizer"]
             if not folder.is_dir():

@@ -11,7 +11,12 @@ import hashlib
 import os
 from pathlib import Path
 
-from xpsr_jax.weights.formats import ORBAX_INFERENCE, SD15_TRAINING_PARTS, WeightsFormatError, detect_weights_format
+from xpsr_jax.weights.formats import (
+    ORBAX_INFERENCE,
+    SD15_TRAINING_PARTS,
+    WeightsFormatError,
+    detect_weights_format,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 _SAMPLES = 16  # evenly spaced chunks per weight file

@@ -15,7 +15,11 @@ from flax import nnx
 from flax.nnx import rnglib
 
 from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict
-from xpsr_jax.weights.files import read_state_dict, resolve_weights_file, write_state_dict
+from xpsr_jax.weights.files import (
+    read_state_dict,
+    resolve_weights_file,
+    write_state_dict,
+)
 
 
 @contextlib.contextmanager

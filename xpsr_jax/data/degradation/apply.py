@@ -8,7 +8,11 @@ import numbers
 import ml_collections
 import numpy as np
 
-from xpsr_jax.data.degradation.config import NOISE_TYPES, RESIZE_MODES, validate_degradation_config
+from xpsr_jax.data.degradation.config import (
+    NOISE_TYPES,
+    RESIZE_MODES,
+    validate_degradation_config,
+)
 from xpsr_jax.data.degradation.ops import (
     add_gaussian_noise,
     add_poisson_noise,
@@ -19,7 +23,12 @@ from xpsr_jax.data.degradation.ops import (
     usm_sharpen,
 )
 from xpsr_jax.data.degradation.params import degradation_params
-from xpsr_jax.data.degradation.plan import DegradationPlan, FinalPlan, StagePlan, sample_degradation_plan
+from xpsr_jax.data.degradation.plan import (
+    DegradationPlan,
+    FinalPlan,
+    StagePlan,
+    sample_degradation_plan,
+)
 
 
 def _add_noise(img: np.ndarray, stage: StagePlan, rng: np.random.Generator) -> np.ndarray:
