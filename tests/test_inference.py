@@ -495,3 +495,21 @@ def test_update_weights_swaps_states_and_refuses_another_structure(ddpm_pipe):
             pipe.update_weights(unet, controlnet, vae)
     finally:
         pipe.states = states  # the module fixture is shared
+
+
+def test_broken_links_and_a_captions_folder_are_named(tmp_path, capsys):
+    """A broken link in the input folder is an error line and a failure, not silently skipped; a
+    --captions folder is called a folder."""
+    from xpsr_jax.inference.cli import main
+
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    code = main(["--weights", str(tmp_path / "w"), "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--highlevel-prompt", "a", "--lowlevel-prompt", "b"])
+    captured = capsys.readouterr()
+    assert code == 1 and f"error: {folder / 'gone.png'}: broken link to {tmp_path / 'nowhere.png'}" in captured.err
+    assert "1 file(s) for this process, 0 already done, 0 to run, 1 rejected" in captured.out
+    code = main(["--weights", str(tmp_path / "w"), "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--captions", str(tmp_path)])
+    assert code == 2 and "is a folder; give the captions JSONL file in it" in capsys.readouterr().err

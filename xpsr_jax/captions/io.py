@@ -193,6 +193,8 @@ def collect_records(paths: Sequence[PathLike]) -> dict[CaptionKey, dict]:
     origin: dict[CaptionKey, str] = {}
     question_of_task: dict[str, tuple[str, str]] = {}
     for path in paths:
+        if pathlib.Path(path).is_dir():
+            raise CaptionInputError(f"caption file {str(path)!r} is a folder; give the captions JSONL file in it")
         if not pathlib.Path(path).is_file():
             raise CaptionInputError(f"caption file {str(path)!r} does not exist")
         records, _ = read_records(path)

@@ -16,6 +16,7 @@ several on one machine) each process takes its share of the files.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -99,14 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_inputs(path: Path) -> tuple[list[Path], Path | None]:
     """(files to process, the official-layout root or None). Every regular file of a folder is
-    listed (non-images fail with a clear line); hidden files are ignored."""
+    listed (non-images fail with a clear line), broken links too (they fail and are counted);
+    hidden files are ignored."""
     if path.is_file():
         return [path], None
     if not path.is_dir():
         raise FileNotFoundError(f"--input {path}: no such file or folder")
     root = path if is_official_layout(path) else None
     folder = path / OFFICIAL_LR_FOLDER if root is not None else path
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir()
+                   if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."))
     check_distinct_stems(files)
     if not files:
         raise FileNotFoundError(f"--input {folder}: the folder holds no files")
@@ -163,6 +166,8 @@ def process_share(files: Sequence[Path], process_index: int, process_count: int)
 def load_lr(path: Path) -> np.ndarray:
     """The LR image as uint8 RGB (grey, RGBA, palette and 16-bit are converted); raises
     InputImageError with the reason."""
+    if path.is_symlink() and not path.exists():
+        raise InputImageError(f"broken link to {os.readlink(path)}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputImageError(f"not an image file (extension {path.suffix or 'none'!r}; "
                               f"valid: {', '.join(IMAGE_SUFFIXES)})")
