@@ -513,3 +513,16 @@ def test_broken_links_and_a_captions_folder_are_named(tmp_path, capsys):
     code = main(["--weights", str(tmp_path / "w"), "--input", str(folder), "--output", str(tmp_path / "out"),
                  "--captions", str(tmp_path)])
     assert code == 2 and "is a folder; give the captions JSONL file in it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [("guidance_scale", float("inf")), ("guidance_scale", float("nan")),
+                                        ("conditioning_scale", float("nan")), ("conditioning_scale", float("-inf"))])
+def test_non_finite_scales_are_refused_by_name(key, value):
+    """inf guidance wrote an all-black PNG and NaN silently disabled guidance: both refused."""
+    from xpsr_jax.inference.config import default_infer_config, validate_infer_config
+
+    config = default_infer_config()
+    config.unlock()
+    config[key] = value
+    with pytest.raises(ValueError, match=rf"{key}={value!r} is invalid; valid: a finite number"):
+        validate_infer_config(config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ml_collections import config_dict
 
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
@@ -76,10 +78,14 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
         raise bad("timestep_spacing", " | ".join(repr(s) for s in TIMESTEP_SPACINGS))
     if config.final_sigmas_type not in FINAL_SIGMAS_TYPES:
         raise bad("final_sigmas_type", " | ".join(FINAL_SIGMAS_TYPES))
-    if not isinstance(config.guidance_scale, (int, float)) or config.guidance_scale < 0:
-        raise bad("guidance_scale", "a number >= 0 (<= 1 disables classifier-free guidance)")
-    if not isinstance(config.conditioning_scale, (int, float)):
-        raise bad("conditioning_scale", "a number")
+    def finite_number(key: str, value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    # NaN fails every comparison and inf makes black images: both are refused by name.
+    if not finite_number("guidance_scale", config.guidance_scale) or not config.guidance_scale >= 0:
+        raise bad("guidance_scale", "a finite number >= 0 (<= 1 disables classifier-free guidance)")
+    if not finite_number("conditioning_scale", config.conditioning_scale):
+        raise bad("conditioning_scale", "a finite number")
     if config.init not in INIT_MODES:
         raise bad("init", " | ".join(INIT_MODES))
     if not isinstance(config.added_noise_level, int) or not -1 <= config.added_noise_level < 1000:
