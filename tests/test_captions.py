@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import pathlib
 import subprocess
 import sys
@@ -310,3 +311,27 @@ def test_a_config_file_sets_options_and_flags_win(tmp_path):
                            "    return config_dict.ConfigDict({'batchsize': 2})\n")
     with pytest.raises(cli.io.CaptionInputError, match=r"unknown caption keys \['batchsize'\]"):
         cli.config_from_args(parse(["--lr-dir", "lr", "--config", str(config_file)]))
+
+
+def test_a_whole_last_record_without_newline_is_kept_and_appends_start_a_new_line(tmp_path):
+    """A file written by hand often lacks the final newline: its last record counts; a cut line
+    (what a kill leaves) is still dropped with a warning; appends after repair stay one per line."""
+    from xpsr_jax.captions import io as caption_io
+
+    record = {"image_id": "a", "source": "lr", "task": "highlevel", "text": "a cat", "model": "m", "question": "q"}
+    second = dict(record, task="lowlevel", text="blurry")
+    path = tmp_path / "captions.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(second))  # no final newline
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole record is no reason to warn
+        records, _ = caption_io.read_records(path)
+    assert [r["task"] for r in records] == ["highlevel", "lowlevel"]
+    assert load_captions(path)[("a", "lr", "lowlevel")] == "blurry"
+    caption_io.repair_partial_tail(path)
+    with caption_io.CaptionWriter(path) as writer:
+        writer.write([dict(record, source="hr")])
+    assert [json.loads(line)["source"] for line in path.read_text().splitlines()] == ["lr", "lr", "hr"]
+    path.write_text(json.dumps(record) + "\n" + json.dumps(second)[:20])
+    with pytest.warns(UserWarning, match="partial last line .* not a whole record"):
+        records, _ = caption_io.read_records(path)
+    assert len(records) == 1

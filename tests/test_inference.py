@@ -526,3 +526,43 @@ def test_non_finite_scales_are_refused_by_name(key, value):
     config[key] = value
     with pytest.raises(ValueError, match=rf"{key}={value!r} is invalid; valid: a finite number"):
         validate_infer_config(config)
+
+
+def test_a_write_failing_mid_run_stops_cleanly_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """Disk full after the first image: one line naming the file, finished images kept; the rerun
+    does the rest. The sampler is a stand-in (the host-side path and the CLI are real)."""
+    from xpsr_jax.inference import cli
+
+    config = get_config("tiny")
+
+    class FakeRunner:
+        def __init__(self):
+            self.config, self.batch_size = config, 1
+
+        def sample_batch(self, conditioning, highlevel, lowlevel, seeds, noise):
+            return np.zeros((len(conditioning), 4 * conditioning.shape[1], 4 * conditioning.shape[2], 3), np.uint8)
+
+    monkeypatch.setattr(cli.XPSRPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: FakeRunner()))
+    real_write, written = cli.write_png_atomic, []
+
+    def disk_full_after_one(path, image):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        real_write(path, image)
+
+    monkeypatch.setattr(cli, "write_png_atomic", disk_full_after_one)
+    folder, out = tmp_path / "lr", tmp_path / "sr"
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray(lr_image(index)).save(folder / f"{index}.png")
+    argv = ["--weights", str(tmp_path / "w"), "--input", str(folder), "--output", str(out),
+            "--config", str(REPO / "configs" / "infer.py:tiny"), "--highlevel-prompt", "a", "--lowlevel-prompt", "b"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: writing {out / '1.png'} failed (No space left on device); stopped after 1 image(s)" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["0.png"]
+    monkeypatch.setattr(cli, "write_png_atomic", real_write)
+    assert cli.main(argv) == 0
+    assert "1 already done, 2 to run" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]

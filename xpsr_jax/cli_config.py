@@ -15,8 +15,10 @@ the flag's name before anything else runs. Every error is a ConfigFlagError with
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +32,13 @@ VARIANT_ALIASES = {"runlocal": "tiny"}
 
 class ConfigFlagError(ValueError):
     """A bad --config file, variant, key or value (the message names it)."""
+
+
+def report_error(error: BaseException, prefix: str = "error") -> None:
+    """The one line every command prints for bad input; XPSR_DEBUG=1 adds the traceback."""
+    print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+    if os.environ.get("XPSR_DEBUG"):
+        traceback.print_exception(error)
 
 
 def packaged_config_names() -> list[str]:

@@ -22,6 +22,7 @@ from ml_collections import config_dict, config_flags
 from xpsr_jax.cli_config import (
     ConfigFlagError,
     load_config_file,
+    report_error,
     resolve_config_args,
     split_config_args,
 )
@@ -117,10 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, workdir, distributed = parse_command_line(argv)
         train(config, workdir, distributed=distributed)
     except (UsageError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(error)
         return 2
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(error)
         return 1
     return 0
 

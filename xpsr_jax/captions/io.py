@@ -100,21 +100,27 @@ def validate_record(record: object, where: str) -> dict:
 def read_records(path: PathLike) -> tuple[list[dict], int]:
     """Records of a caption file and the byte length of its complete lines.
 
-    A last line without its newline is what a killed run leaves: it is dropped
-    (with a warning). Any other unreadable line is an error. A missing file
-    reads as empty.
+    A last line without its newline is kept when it is a whole record (a file written by hand or
+    by another tool); otherwise it is what a killed run leaves, and is dropped with a warning.
+    Any other unreadable line is an error. A missing file reads as empty.
     """
     path = pathlib.Path(path)
     if not path.exists():
         return [], 0
     data = path.read_bytes()
     complete_len = data.rfind(b"\n") + 1
-    if complete_len < len(data):
-        warnings.warn(
-            f"{path}: dropping a partial last line ({len(data) - complete_len} bytes) "
-            "left by an interrupted run",
-            stacklevel=2,
-        )
+    tail_record = None
+    if complete_len < len(data) and data[complete_len:].strip():
+        try:
+            tail_record = validate_record(json.loads(data[complete_len:]), f"{path}: last line")
+        except (json.JSONDecodeError, UnicodeDecodeError, CaptionInputError):
+            warnings.warn(
+                f"{path}: dropping a partial last line ({len(data) - complete_len} bytes): it is not "
+                "a whole record (an interrupted run leaves one)",
+                stacklevel=2,
+            )
+        else:
+            complete_len = len(data)
     records = []
     for number, line in enumerate(data[:complete_len].split(b"\n")[:-1], start=1):
         if not line.strip():
@@ -128,11 +134,14 @@ def read_records(path: PathLike) -> tuple[list[dict], int]:
                 "may be damaged by an interrupted run"
             ) from None
         records.append(validate_record(parsed, where))
+    if tail_record is not None:
+        records.append(tail_record)
     return records, complete_len
 
 
 def repair_partial_tail(path: PathLike) -> list[dict]:
-    """Cuts a partial last line off ``path`` (if any) and returns its records."""
+    """Cuts a partial last line off ``path`` (if any), ends a whole last record with its newline
+    (so appends start on a line of their own), and returns the records."""
     records, complete_len = read_records(path)
     path = pathlib.Path(path)
     if path.exists() and path.stat().st_size > complete_len:
@@ -140,6 +149,13 @@ def repair_partial_tail(path: PathLike) -> list[dict]:
             f.truncate(complete_len)
             f.flush()
             os.fsync(f.fileno())
+    if complete_len:
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
     return records
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from xpsr_jax.files import IMAGE_SUFFIXES  # noqa: F401  (re-exported: data.images.IMAGE_SUFFIXES)
 
@@ -28,22 +28,49 @@ class ImageReadError(ValueError):
     """An image file that cannot be decoded (corrupt, truncated, unsupported)."""
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """read_rgb(path) -> (H, W, 3) uint8 RGB array.
+def read_rgb(path: str | os.PathLike, *, apply_exif_orientation: bool = True) -> np.ndarray:
+    """read_rgb(path) -> (H, W, 3) uint8 RGB array, as an image viewer shows the file.
 
     Uses PIL because it raises on truncated files (OpenCV silently returns a partly grey
-    image for a truncated JPEG). 16-bit images are scaled to 8 bit, alpha is dropped.
+    image for a truncated JPEG). The EXIF orientation is applied (a phone photo stored sideways
+    comes out upright; `apply_exif_orientation=False` keeps the stored pixels, for fidelity
+    studies). 16-bit images are scaled to 8 bit, alpha is dropped, float images (32-bit TIFF) are
+    scaled by their range ([0, 1] or [0, 255]); other ranges are refused (ImageReadError).
     """
     try:
         with Image.open(path) as image:
             image.load()
+            if apply_exif_orientation:
+                image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 wide = np.asarray(image, dtype=np.float64)
+                if wide.size and wide.max() > 65535:
+                    raise ImageReadError(f"cannot decode image {path}: 32-bit integer values up to {wide.max():.0f}; "
+                                         "only 8- and 16-bit images are read")
                 gray = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
                 return np.repeat(gray[:, :, None], 3, axis=2)
+            if image.mode == "F":
+                return np.repeat(_float_to_uint8(np.asarray(image, dtype=np.float64), path)[:, :, None], 3, axis=2)
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        if isinstance(error, ImageReadError):
+            raise
         raise ImageReadError(f"cannot decode image {path}: {error}") from error
+
+
+def _float_to_uint8(values: np.ndarray, path) -> np.ndarray:
+    """A float image by its real range: [0, 1] (the usual float convention) or [0, 255]."""
+    if not np.isfinite(values).all():
+        raise ImageReadError(f"cannot decode image {path}: float image with NaN or infinite values")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low >= 0 and high <= 1:
+        scale = 255.0
+    elif low >= 0 and high <= 255:
+        scale = 1.0
+    else:
+        raise ImageReadError(f"cannot decode image {path}: float image with values in [{low:g}, {high:g}]; "
+                             "only [0, 1] or [0, 255] float images are read")
+    return np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from xpsr_jax.cli_config import report_error
 from xpsr_jax.data.images import ImageReadError
 from xpsr_jax.evaluation.pairing import PairingError
 from xpsr_jax.evaluation.paper import PAPER_RESULTS, paper_results
@@ -64,13 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.crop_border < 0:
             raise ValueError(f"--crop-border must be >= 0, got {args.crop_border}")
         metrics = parse_metric_names(args.metrics)
+        if args.out:  # before any metric runs: a report folder that cannot be made is one line, now
+            try:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"--out {args.out}: cannot create the report folder ({error.strerror or error}; "
+                                 "is a file in the way?)") from None
         result = evaluate_folders(args.pred, args.gt, metrics, crop_border=args.crop_border,
                                   device=args.device, progress=not args.no_progress,
                                   crop_gt_to_pred=args.crop_gt_to_pred)
         if args.paper:
             result.paper, result.dataset = paper_results(args.dataset), args.dataset
     except (PairingError, ImageReadError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        report_error(error)
         return 2
     print(f"{len(result.per_image)} images, {result.settings['mode']}")
     print(markdown_table(result))

@@ -16,7 +16,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from xpsr_jax.cli_config import split_config_args
+from xpsr_jax.cli_config import report_error, split_config_args
 from xpsr_jax.export.output import ExportError
 from xpsr_jax.weights.formats import WeightsFormatError
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except (ExportError, WeightsFormatError) as error:
-        print(f"export {args.format}: error: {error}", file=sys.stderr)
+        report_error(error, f"export {args.format}: error")
         return 2
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from ml_collections import config_dict
 from PIL import Image
 from tqdm import tqdm
 
-from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, split_config_args
+from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, report_error, split_config_args
 from xpsr_jax.data.images import (
     IMAGE_SUFFIXES,
     ImageReadError,
@@ -38,6 +40,7 @@ from xpsr_jax.data.images import (
 )
 from xpsr_jax.distributed import DistributedOptions, initialize_distributed
 from xpsr_jax.inference.artifact import (
+    ARTIFACT_RUNTIME_KEYS,
     ArtifactRunner,
     check_artifact_covers,
     check_artifact_size,
@@ -163,7 +166,7 @@ def process_share(files: Sequence[Path], process_index: int, process_count: int)
     return list(files[process_index::process_count])
 
 
-def load_lr(path: Path) -> np.ndarray:
+def load_lr(path: Path, *, apply_exif_orientation: bool = True) -> np.ndarray:
     """The LR image as uint8 RGB (grey, RGBA, palette and 16-bit are converted); raises
     InputImageError with the reason."""
     if path.is_symlink() and not path.exists():
@@ -172,7 +175,7 @@ def load_lr(path: Path) -> np.ndarray:
         raise InputImageError(f"not an image file (extension {path.suffix or 'none'!r}; "
                               f"valid: {', '.join(IMAGE_SUFFIXES)})")
     try:
-        image = read_rgb(path)
+        image = read_rgb(path, apply_exif_orientation=apply_exif_orientation)
     except ImageReadError as error:
         raise InputImageError(f"unreadable image: {error.__cause__ or error}") from error
     if min(image.shape[:2]) < MIN_SIDE:
@@ -206,7 +209,7 @@ def run(args, config, artifact=None) -> int:
             redone += 1
             print(f"note: {target} exists but does not decode as an image; redoing it", file=sys.stderr, flush=True)
         try:
-            image = load_lr(path)
+            image = load_lr(path, apply_exif_orientation=config.apply_exif_orientation)
             highlevel, lowlevel = prompts.prompts(path)
             conditioning_shape = preprocess_lr(image, config.process_size, upscale=config.upscale).shape
             if artifact is not None:
@@ -220,23 +223,63 @@ def run(args, config, artifact=None) -> int:
         todo.append(Job(path, target, image, highlevel, lowlevel, conditioning_shape))
     print(f"{len(files)} file(s) for this process, {skipped} already done, {len(todo)} to run, "
           f"{len(failures)} rejected; prompts from {prompts.describe()}", flush=True)
+    written = 0
     if todo:
+        check_output_folder(targets[todo[0].path].parent, first_output_bytes(todo, config))  # before the load
         pipe = ArtifactRunner(artifact, config) if artifact is not None else \
             XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config)
         progress = tqdm(total=len(todo), unit="img", desc="super-resolving", disable=jax.process_index() != 0)
         start = time.perf_counter()
-        for index, image in super_resolve_iter(pipe, [job.image for job in todo], [job.highlevel for job in todo],
-                                               [job.lowlevel for job in todo]):
-            write_png_atomic(todo[index].target, image)
-            progress.update(1)
-            progress.set_postfix(img_per_s=f"{progress.n / (time.perf_counter() - start):.2f}")
-        progress.close()
-    written = len(todo)
+        try:
+            for index, image in super_resolve_iter(pipe, [job.image for job in todo],
+                                                   [job.highlevel for job in todo], [job.lowlevel for job in todo]):
+                try:
+                    write_png_atomic(todo[index].target, image)
+                except OSError as error:  # disk full, folder removed, ...: stop; a rerun resumes
+                    raise OutputWriteError(f"writing {todo[index].target} failed ({error.strerror or error}); "
+                                           f"stopped after {written} image(s); the rerun of the same command "
+                                           "keeps them and does the rest") from error
+                written += 1
+                progress.update(1)
+                progress.set_postfix(img_per_s=f"{progress.n / (time.perf_counter() - start):.2f}")
+        finally:
+            progress.close()
     where = output if len(targets) != 1 or output.suffix.lower() != ".png" else output.parent
     print(f"wrote {written} image(s) to {where}" + (f" ({redone} redone)" if redone else "")
           + (f"; {skipped} already there" if skipped else "")
           + (f"; {len(failures)} failed" if failures else ""), flush=True)
     return _summary(failures)
+
+
+class OutputWriteError(RuntimeError):
+    """An output that could not be written mid-run; the message names it and how to resume."""
+
+
+def first_output_bytes(todo: Sequence[Job], config) -> int:
+    """An upper bound of the first batch's PNGs (uncompressed RGB at the output size)."""
+    first = todo[: config.batch_size]
+    return sum(3 * (config.upscale * job.image.shape[0]) * (config.upscale * job.image.shape[1]) for job in first)
+
+
+def check_output_folder(folder: Path, needed_bytes: int) -> None:
+    """The output folder exists or can be made, takes a file, and has room for the first outputs:
+    checked before any model is loaded (ValueError naming the folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--output {folder}: cannot be a folder: a file is in the way "
+                         f"({next(p for p in [folder, *folder.parents] if p.exists() and not p.is_dir())})") from None
+    except OSError as error:
+        raise ValueError(f"--output {folder}: cannot create the folder ({error.strerror or error})") from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output {folder}: cannot write there ({error.strerror or error})") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ValueError(f"--output {folder}: {free / 2**20:.1f} MiB free, the first outputs need up to "
+                         f"{needed_bytes / 2**20:.1f} MiB")
 
 
 def _summary(failures) -> int:
@@ -261,7 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stablehlo_artifact_path(args.weights) is not None:
             artifact = load_artifact(args.weights)
             if not split_config_args(argv)[0]:  # no --config flags: the artifact's own recipe
-                config = config_dict.ConfigDict(artifact.config)
+                recipe = config_dict.ConfigDict(artifact.config)
+                for key in ARTIFACT_RUNTIME_KEYS:  # host-side settings an older artifact may not record
+                    if key not in recipe:
+                        recipe[key] = config[key]
+                config = recipe
                 config.lock()
             if args.sd15:
                 print(f"note: --sd15 is not used: the StableHLO artifact {args.weights} holds every network",
@@ -271,6 +318,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_artifact_covers(artifact, config)
         _init_distributed(args)
         return run(args, config, artifact)
-    except (ValueError, FileNotFoundError, WeightsFolderError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, WeightsFolderError, OutputWriteError) as error:
+        report_error(error)
         return 2

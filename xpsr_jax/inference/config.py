@@ -53,6 +53,8 @@ def default_infer_config() -> config_dict.ConfigDict:
     config.attention_backend = "auto"
     config.batch_size = 8  # images per jitted call (rounded up to a multiple of the device count)
     config.seed = 0  # every image's draws come from this seed (so results do not depend on batching)
+    # Read inputs as a viewer shows them (EXIF orientation applied); False keeps the stored pixels.
+    config.apply_exif_orientation = True
     config.lock()
     return config
 
@@ -114,3 +116,5 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
     positive_int("batch_size", config.batch_size)
     if not isinstance(config.seed, int) or config.seed < 0:
         raise bad("seed", "an integer >= 0")
+    if not isinstance(config.apply_exif_orientation, bool):
+        raise bad("apply_exif_orientation", "True | False")

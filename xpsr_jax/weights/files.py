@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 
@@ -45,13 +46,17 @@ def resolve_weights_file(folder: str | os.PathLike, stem: str) -> Path:
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     tensors = {}
-    with safe_open(str(path), framework="numpy") as handle:
-        for name in handle.keys():
-            try:
-                tensors[name] = handle.get_tensor(name)
-            except TypeError:  # numpy cannot hold bfloat16; go through JAX's ml_dtypes-backed arrays
-                with safe_open(str(path), framework="flax") as flax_handle:
-                    tensors[name] = np.asarray(flax_handle.get_tensor(name))
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            for name in handle.keys():
+                try:
+                    tensors[name] = handle.get_tensor(name)
+                except TypeError:  # numpy cannot hold bfloat16; go through JAX's ml_dtypes-backed arrays
+                    with safe_open(str(path), framework="flax") as flax_handle:
+                        tensors[name] = np.asarray(flax_handle.get_tensor(name))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({path.stat().st_size} bytes; truncated or "
+                              f"corrupt?): {error}") from error
     return tensors
 
 
@@ -63,14 +68,25 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             f"{path}: reading PyTorch .bin checkpoints needs PyTorch; install it with "
             f"`pip install 'xpsr-jax[torch]'`, or convert the file to .safetensors"
         ) from error
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        raise WeightFileError(
+            f"{path}: refused for safety: the .bin file holds more than tensors (pickled objects or code), and "
+            "only plain tensor checkpoints are read; ask for (or convert it to) .safetensors, the safe format"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise WeightFileError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if not isinstance(state, dict):
+        raise WeightFileError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     out = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()
         if tensor.dtype == torch.bfloat16:
-
             out[name] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
             out[name] = tensor.numpy()
@@ -100,7 +116,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def write_state_dict(path: str | os.PathLike, state: dict[str, np.ndarray]) -> None:
     """Write a safetensors file atomically (temp file + rename: a crash never leaves half a file)."""
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
