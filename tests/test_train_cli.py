@@ -250,3 +250,12 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(setu
     assert checkpoint_lib.finalized_steps(tmp_path / "run" / "checkpoints") == [2, 4]
     assert [r["step"] for r in metrics_lib.read_metrics_jsonl(tmp_path / "run" / "metrics.jsonl")] \
         == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("key, value", [("loss.dfc_weight", "inf"), ("optimizer.learning_rate", "nan"),
+                                        ("optimizer.weight_decay", "nan"), ("optimizer.grad_clip_norm", "inf")])
+def test_non_finite_training_numbers_are_refused_by_name(setup, tmp_path, capsys, no_model_loading, key, value):
+    base = ["--config", f"{REPO / 'configs' / 'train.py'}:tiny", "--workdir", str(tmp_path / "w"),
+            f"--config.base_model={setup.sd15}", f"--config.pipeline.data_dir={setup.data_dir}"]
+    err = _one_line_error(capsys, [*base, f"--config.{key}={value}"])
+    assert f"{key}={value}" in err and "finite" in err, err

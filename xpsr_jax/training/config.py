@@ -6,6 +6,7 @@ raises one-line errors that name the key (or path), the bad value and what is va
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -158,8 +159,9 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
         validate_optimizer_config(config.optimizer, config.total_steps)
     except (ValueError, KeyError) as error:
         raise ConfigError(f"train config: {str(error).strip(chr(34) + chr(39))}") from error
-    if not config.loss.dfc_weight >= 0:
-        raise _bad("loss.dfc_weight", config.loss.dfc_weight, "a number >= 0")
+    if not (isinstance(config.loss.dfc_weight, (int, float)) and math.isfinite(config.loss.dfc_weight)
+            and config.loss.dfc_weight >= 0):
+        raise _bad("loss.dfc_weight", config.loss.dfc_weight, "a finite number >= 0")
 
     for key in ("param_dtype", "compute_dtype", "frozen_dtype"):
         _check_choice(config, f"precision.{key}", DTYPE_NAMES)
