@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import os
 import socket
 import subprocess
@@ -338,10 +339,11 @@ def cli_run(tiny, tmp_path_factory):
     folder = root / "lr"
     captions = write_mixed_folder(folder)
     out = root / "out"
-    capture = io.StringIO()
-    with contextlib.redirect_stderr(capture):
+    capture, printed = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(capture), contextlib.redirect_stdout(printed):
         code = main(cli_args(tiny, folder, out, captions))
-    return SimpleNamespace(root=root, folder=folder, captions=captions, out=out, code=code, stderr=capture.getvalue())
+    return SimpleNamespace(root=root, folder=folder, captions=captions, out=out, code=code, stderr=capture.getvalue(),
+                           stdout=printed.getvalue())
 
 
 def test_cli_converts_good_images_and_names_every_failure(cli_run):
@@ -356,6 +358,10 @@ def test_cli_converts_good_images_and_names_every_failure(cli_run):
         assert len(lines) == 1 and reason in lines[0], (name, stderr)
     assert "4 image(s) failed" in stderr
     assert not [p for p in cli_run.out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # The compile is announced, timed and reported apart from the sampling rate.
+    assert "compiling the sampler for batch 1 at 64x64 px ..." in cli_run.stdout, cli_run.stdout
+    assert re.search(r"compiled the sampler for batch 1 at 64x64 px in [0-9.]+ s \(tracing and lowering "
+                     r"[0-9.]+ s, XLA [0-9.]+ s, (compiled|from the compile cache)", cli_run.stdout), cli_run.stdout
 
 
 def test_cli_rerun_skips_finished_outputs(cli_run, tiny, capsys):

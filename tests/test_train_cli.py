@@ -259,3 +259,40 @@ def test_non_finite_training_numbers_are_refused_by_name(setup, tmp_path, capsys
             f"--config.base_model={setup.sd15}", f"--config.pipeline.data_dir={setup.data_dir}"]
     err = _one_line_error(capsys, [*base, f"--config.{key}={value}"])
     assert f"{key}={value}" in err and "finite" in err, err
+
+
+def _compile_line(output: str) -> tuple[float, str]:
+    import re
+
+    match = re.search(r"compiled the train step in ([0-9.]+) s \(tracing and lowering [0-9.]+ s, XLA [0-9.]+ s, "
+                      r"([^)]*)\)", output)
+    assert match, output[-3000:]
+    return float(match.group(1)), match.group(2)
+
+
+def test_a_rerun_in_the_same_workdir_reads_the_compiled_step_from_the_cache(setup, tmp_path):
+    """compile_cache "default": WORKDIR/compile_cache, so the run that resumes finds the step."""
+    import subprocess
+
+    from tests.helpers.train_cli_fixtures import train_command, train_env
+
+    env = train_env(setup, device_count=1)
+    for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+        env.pop(key, None)  # the command's own default, as a user runs it
+    workdir = tmp_path / "run"
+
+    def run(steps: int):
+        done = subprocess.run(train_command(setup, workdir, f"--config.total_steps={steps}",
+                                            "--config.checkpoint_every=1"),
+                              env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"compile cache: {workdir / 'compile_cache'}" in done.stdout, done.stdout[-3000:]
+        return _compile_line(done.stdout)
+
+    first_seconds, first = run(1)
+    second_seconds, second = run(2)  # resumes at step 1
+    print(f"train step: {first_seconds:.1f} s {first}, then {second_seconds:.1f} s {second}")
+    assert first == "compiled" and second == "from the compile cache", (first, second)
+    assert second_seconds < first_seconds, (first_seconds, second_seconds)
+    assert any((workdir / "compile_cache").iterdir())

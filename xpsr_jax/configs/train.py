@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.mesh.shard_frozen = False  # frozen weights over fsdp (else replicated)
 
     # Gradient checkpointing per network: "none" | "attention" (cross-attention blocks) | "full".
+    # XLA's persistent compilation cache: "default" = WORKDIR/compile_cache (a resumed run, or
+    # every host of a pod sharing the workdir, reads the compiled step), a folder, or "" for none.
+    config.compile_cache = "default"
     config.remat = config_dict.ConfigDict()
     config.remat.unet = "attention"
     config.remat.controlnet = "attention"

@@ -14,7 +14,7 @@ from xpsr_jax.weights.artifact import ArtifactInputError
 from xpsr_jax.weights.formats import STABLEHLO, WeightsFormatError, read_manifest
 
 # Run-time settings: not part of an exported program (the seed enters as keys, batches are split).
-ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed", "apply_exif_orientation")
+ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed", "apply_exif_orientation", "compile_cache")
 
 
 def stablehlo_artifact_path(weights: str) -> Path | None:
@@ -68,6 +68,7 @@ class ArtifactRunner:
 
     def __init__(self, artifact, config):
         self.artifact, self.config = artifact, config
+        self.on_compile, self.compile_seconds = None, 0.0  # exported programs compile on their first call
 
     @property
     def batch_size(self) -> int:

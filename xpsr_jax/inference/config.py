@@ -55,6 +55,9 @@ def default_infer_config() -> config_dict.ConfigDict:
     config.seed = 0  # every image's draws come from this seed (so results do not depend on batching)
     # Read inputs as a viewer shows them (EXIF orientation applied); False keeps the stored pixels.
     config.apply_exif_orientation = True
+    # XLA's persistent compilation cache: "default" = the user cache folder
+    # ($XDG_CACHE_HOME/xpsr_jax/jax_cache), a folder, or "" for none.
+    config.compile_cache = "default"
     config.lock()
     return config
 
@@ -118,3 +121,5 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
         raise bad("seed", "an integer >= 0")
     if not isinstance(config.apply_exif_orientation, bool):
         raise bad("apply_exif_orientation", "True | False")
+    if not isinstance(config.get("compile_cache", "default"), str):
+        raise bad("compile_cache", '"default" (the user cache folder), a folder, or "" (off)')

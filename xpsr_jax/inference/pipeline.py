@@ -16,6 +16,7 @@ multi-process run each process works on its own share of images with its own dev
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
+from xpsr_jax.compile_cache import watch_compile
 from xpsr_jax.inference.batching import super_resolve
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
 from xpsr_jax.inference.sampling import (
@@ -122,7 +124,10 @@ class XPSRPipeline:
             latent_tile_size=tiling.latent_tile_size, latent_tile_overlap=tiling.latent_tile_overlap,
             tile_batch_size=tiling.tile_batch_size, vae_encoder_tile_size=tiling.vae_encoder_tile_size,
             vae_decoder_tile_size=tiling.vae_decoder_tile_size)
-        self._compiled: OrderedDict = OrderedDict()
+        self._compiled: OrderedDict = OrderedDict()  # (shape, injected, with_steps) -> jit / compiled
+        # Called with one line before and after each sampler compile (infer.py prints them).
+        self.on_compile = None
+        self.compile_seconds = 0.0  # spent compiling (tracing + XLA or the cache), all shapes
         self._encode_text = jax.jit(lambda state, ids: nnx.merge(self.text_encoder_def, state)(ids))
         self.trace_count = 0  # times the sampling function was traced (one per compiled shape)
 
@@ -241,12 +246,36 @@ class XPSRPipeline:
                                   pad(noise.steps, axis=1) if with_steps else None)
         else:
             keys = pad(keys)
-        fn = self._sample_fn((padded_batch, height, width), noise is not None, with_steps)
         put = lambda tree: jax.device_put(tree, self._batch_sharding)  # noqa: E731
         if noise is not None:
             noise = SamplingNoise(*(put(a) for a in noise[:3]),
                                   jax.device_put(noise.steps, self._step_sharding) if with_steps else None)
-        return fn(self.states, put(conditioning), put(embeds), noise, None if keys is None else put(keys)), batch
+        args = (self.states, put(conditioning), put(embeds), noise, None if keys is None else put(keys))
+        fn = self._compiled_sample_fn((padded_batch, height, width), noise is not None, with_steps, args)
+        return fn(*args), batch
+
+    def _compiled_sample_fn(self, shape: tuple[int, ...], injected: bool, with_steps: bool, args):
+        """The sampler compiled ahead of its first call (so the compile is timed and reported
+        apart from sampling), once per (shape, draw source)."""
+        key = (shape, injected, with_steps)
+        jitted = self._sample_fn(shape, injected, with_steps)
+        if isinstance(jitted, jax.stages.Compiled):
+            return jitted
+        what = f"the sampler for batch {shape[0]} at {shape[1]}x{shape[2]} px"
+        if self.on_compile is not None:
+            self.on_compile(f"compiling {what} ...")
+        start = time.perf_counter()
+        lowered = jitted.lower(*args)
+        lowered_at = time.perf_counter()
+        with watch_compile() as record:
+            compiled = lowered.compile()
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
+        self._compiled[key] = compiled
+        if self.on_compile is not None:
+            self.on_compile(f"compiled {what} in {seconds:.1f} s (tracing and lowering {lowered_at - start:.1f} s, "
+                            f"XLA {seconds - (lowered_at - start):.1f} s, {record.describe()})")
+        return compiled
 
     def sample(self, conditioning_uint8, prompt_embeds: PromptEmbeds, *, seeds: Sequence[int] | None = None,
                noise: SamplingNoise | None = None) -> SampleOutput:

@@ -181,6 +181,8 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
     for key in ("unet", "controlnet"):
         _check_choice(config, f"remat.{key}", tuple(REMAT_POLICIES))
     _check_choice(config, "attention_backend", ATTENTION_BACKENDS)
+    if not isinstance(config.get("compile_cache", "default"), str):
+        raise _bad("compile_cache", config.compile_cache, '"default" (WORKDIR/compile_cache), a folder, or "" (off)')
 
     _check_int(config, "validation.every", 0)
     _check_int(config, "validation.num_images", 1)

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from xpsr_jax.compile_cache import cache_dir, enable_compile_cache
 from xpsr_jax.data import tfds_builder
 from xpsr_jax.data.pipeline import make_train_iterator
 from xpsr_jax.distributed import DistributedOptions, initialize_distributed
@@ -64,6 +65,7 @@ STATE_VERSION = 1
 
 
 SPEED_WINDOW = 10  # steps the logged s/step and img/s are averaged over
+COMPILE_CACHE_DIR = "compile_cache"  # in the workdir, with compile_cache="default"
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,6 +180,8 @@ def train(config, workdir: str | os.PathLike, *,
     is_writer = jax.process_index() == 0
     if is_writer:
         train_config.write_workdir_config(config, workdir)
+    # Before anything compiles: a resumed run reads the steps the first run compiled.
+    enable_compile_cache(cache_dir(config.get("compile_cache", "default"), workdir / COMPILE_CACHE_DIR))
 
     mesh = make_mesh(config.mesh)
     global_batch_size = int(config.pipeline.batch_size) * jax.process_count()
@@ -215,9 +219,12 @@ def train(config, workdir: str | os.PathLike, *,
     _say(f"data: process {jax.process_index()} of {jax.process_count()} starts at global "
          f"position {data_position}, reading blocks of {config.pipeline.batch_size}")
     first = global_batch(_model_batch(next(iterator), BATCH_KEYS), mesh)
+    _say(f"compiling the train step (global batch {global_batch_size} at {config.pipeline.resolution} px; "
+         f"compile cache: {jax.config.jax_compilation_cache_dir or 'off'}) ...")
     step_fn = make_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, first)
-    _say(f"compiled the train step in {step_fn.compile_seconds:.1f} s"
-         + (f" ({step_fn.flops / 1e9:.1f} GFLOP per device per step)" if step_fn.flops else ""))
+    _say(f"compiled the train step in {step_fn.compile_seconds:.1f} s (tracing and lowering "
+         f"{step_fn.lower_seconds:.1f} s, XLA {step_fn.compile_seconds - step_fn.lower_seconds:.1f} s, "
+         f"{step_fn.cache})" + (f"; {step_fn.flops / 1e9:.1f} GFLOP per device per step" if step_fn.flops else ""))
 
     writer = MetricsWriter(workdir, resumed_step=start_step if start_step else None) \
         if is_writer else None

@@ -21,6 +21,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from xpsr_jax.compile_cache import watch_compile
 from xpsr_jax.models.dtypes import dtype_from_name
 from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
 from xpsr_jax.training.loss_scale import (
@@ -57,12 +58,15 @@ class CompiledTrainStep(NamedTuple):
     """`compiled(state, frozen, batch) -> (state, metrics)`; the state argument is donated.
 
     flops: XLA's cost-analysis FLOP count of one step (of the partitioned per-device program),
-    None where the backend gives none.
+    None where the backend gives none. compile_seconds = lower_seconds (Python tracing and
+    lowering, which no cache skips) + XLA's compile (or the cache read); cache: where it came from.
     """
 
     compiled: Any
     compile_seconds: float
     flops: float | None
+    lower_seconds: float = 0.0
+    cache: str = "compiled"
 
     def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
         return self.compiled(state, frozen, batch)
@@ -233,9 +237,10 @@ def lower_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: 
 def compile_train_step(lowered: Any, lower_seconds: float = 0.0) -> CompiledTrainStep:
     """XLA-compiles a `lower_train_step` result; compile_seconds counts the lowering too."""
     start = time.perf_counter()
-    compiled = lowered.compile()
+    with watch_compile() as record:
+        compiled = lowered.compile()
     return CompiledTrainStep(compiled=compiled, compile_seconds=lower_seconds + time.perf_counter() - start,
-                             flops=_flops(compiled))
+                             flops=_flops(compiled), lower_seconds=lower_seconds, cache=record.describe())
 
 
 def make_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
