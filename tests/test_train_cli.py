@@ -228,7 +228,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(setu
         return state, {"vae": {"v": jnp.ones(2)}}, {}
 
     class FakeStep:
-        compile_seconds, flops = 0.0, None
+        compile_seconds, flops, lower_seconds, cache = 0.0, None, 0.0, "compiled"
 
         def __call__(self, state, frozen, batch):
             bad = state.step + 1 == 5  # the 5th step's loss is NaN

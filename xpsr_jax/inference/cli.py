@@ -3,7 +3,7 @@
     python infer.py --weights xpsr --sd15 sd15 --input LR_DIR --output OUT [--captions captions.jsonl]
     python infer.py ... --config configs/infer.py:validation --config.num_inference_steps=25
     python -m xpsr_jax.models.tiny --out /tmp/tiny && python infer.py --weights /tmp/tiny/xpsr \
-        --sd15 /tmp/tiny/sd15 --input examples/lr --output /tmp/sr --config configs/infer.py:tiny \
+        --sd15 /tmp/tiny/sd15 --input xpsr_jax/examples/hr --output /tmp/sr --config configs/infer.py:tiny \
         --highlevel-prompt "a photo" --lowlevel-prompt "blurry"
 
 Every bad input (unreadable or non-image file, image under 8 px, missing prompt) gets one line
