@@ -5,8 +5,8 @@ and the error paths (each leaving no partial output).
 One tiny model (layers_per_block=1) and TFDS dataset per module. The training checkpoint of
 tests is made without compiling a train step (create_train_state, then random perturbations of
 the trainable weights). The one test that runs the real loop (2 steps at learning rate 0, then
-export: the release's bytes back) compiles the train step, minutes on a 2-core CPU, so it lives
-in tests/export_end_to_end.py, run explicitly like tests/train_end_to_end.py.
+export: the release's bytes back) compiles the train step, so it lives in
+tests/end_to_end/test_export.py.
 """
 
 from __future__ import annotations

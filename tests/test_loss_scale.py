@@ -85,6 +85,7 @@ def test_train_step_applies_unscaled_gradients_and_skips_an_overflowing_step(mon
 
     from xpsr_jax.configs import train as train_configs
     from xpsr_jax.training import step as step_lib
+    from xpsr_jax.training.flat import FlatLayout
 
     monkeypatch.setattr(step_lib, "latent_shape_for", lambda vae, shape: (1, 1, 1))
     monkeypatch.setattr(step_lib, "sample_loss_draws", lambda *args: None)
@@ -93,12 +94,13 @@ def test_train_step_applies_unscaled_gradients_and_skips_an_overflowing_step(mon
     vae_graphdef, vae_state = nnx.split(nnx.Linear(1, 1, rngs=nnx.Rngs(0)))
     config = train_configs.get_config("tiny")
     learning_rate = 1e6  # plain SGD: the update is -1e6 x the (tiny) gradient, visible in float32
-    kwargs = dict(graphdefs={"vae": vae_graphdef}, tx=optax.sgd(learning_rate),
+    params = {"unet": {"w": jnp.ones((64,), jnp.float32)}}
+    layout = FlatLayout.for_params(params)
+    kwargs = dict(graphdefs={"vae": vae_graphdef}, tx=optax.sgd(learning_rate), layout=layout,
                   noise_schedule=types.SimpleNamespace(num_train_timesteps=1000),
                   dfc_weight=0.05, optimizer_config=config.optimizer, total_steps=10)
-    params = {"unet": {"w": jnp.ones((64,), jnp.float32)}}
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=optax.sgd(learning_rate).init(params),
+                                opt_state=optax.sgd(learning_rate).init(layout.flatten(params)),
                                 rng=jax.random.PRNGKey(0), loss_scale=initial_loss_scale())
     batch = {"pixel_values": jnp.zeros((1,))}
 

@@ -1,8 +1,5 @@
 """`python -m xpsr_jax.quickstart`: its input checks, which compile nothing. The chain itself
-(shortened: 3 steps, 2 images of 64 px) compiles the train step, minutes on a 2-core CPU, so it
-runs in tests/quickstart_end_to_end.py, outside the default suite like tests/train_end_to_end.py:
-
-    python -m pytest tests/quickstart_end_to_end.py -q -s
+(shortened: 3 steps, 2 images of 64 px) runs in tests/end_to_end/test_quickstart.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The training loop and CLI (train.py) without compiling a train step: metrics files, data
 position, checkpoint atomicity, config errors, the non-finite stop, on the tiny model. The runs
-that compile (loss curve, SIGTERM / SIGKILL resume, two processes) are in train_end_to_end.py.
+that compile (loss curve, SIGTERM / SIGKILL resume, two processes) are in
+tests/end_to_end/test_train.py.
 
 The subprocess runs share one tiny model, one tiny TFDS dataset and one JAX compilation cache
 (module fixture), so the 1-process runs after the first load their program from the cache.

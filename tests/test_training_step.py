@@ -135,6 +135,7 @@ def test_four_devices_data_and_fsdp_match_one_device(run, tmp_path):
         # (measured: 5.0e-5 on data=4); a sharding bug moves every parameter by O(lr).
         assert results[label]["params_max_abs_error"] < 0.1 * TINY_LEARNING_RATE, (label, results[label])
     assert results["fsdp2"]["sharded_params"] > 0 and results["fsdp2"]["sharded_frozen"] > 0
+    assert results["fsdp2"]["resumed_from_other_layouts"] == 2
 
 
 def test_optimizer_matches_torch_adamw_with_clipping():

@@ -1,2 +1,2 @@
-"""End-to-end tests: each compiles the train step or runs whole commands (many minutes on a
-2-core CPU), so they are outside the default run: `python -m pytest -m end_to_end tests/end_to_end`."""
+"""End-to-end tests: each compiles the train step or runs whole commands (minutes on a 2-core
+CPU). They run in the default suite; `-m "not end_to_end"` leaves them out of a quick loop."""

@@ -1,9 +1,8 @@
 """Export after a real training run: an official release used as `init_from`, trained for 2 steps
 at learning rate 0 and exported to the torch layout, gives back the release's bytes and
-config.json keys. Compiles the train step (minutes on a 2-core CPU), so it is not collected by
-the default suite (see tests/train_end_to_end.py); run explicitly:
+config.json keys. Compiles the train step (about a minute on a 2-core CPU).
 
-    python -m pytest tests/export_end_to_end.py -q -s
+    python -m pytest tests/end_to_end/test_export.py -q -s
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import pytest
 from tests.test_export import (MANIFEST, NETWORKS, WEIGHTS, assert_no_output, assert_same_tensors,  # noqa: F401
                          release_tensors, run_cli, setup, tiny_config)
 
-pytestmark = pytest.mark.end_to_end  # outside the default run (setup.cfg)
+pytestmark = pytest.mark.end_to_end
 
 
 def test_init_from_release_trained_with_zero_learning_rate_exports_the_same_bytes(setup, tmp_path, capsys):  # noqa: F811

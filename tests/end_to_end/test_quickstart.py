@@ -2,10 +2,9 @@
 tiny model with one layer per UNet block), through the same code as the README command.
 
 The chain runs once per module, in a subprocess (a fresh JAX, as the command gets); the other
-test reads what it left behind. Compiling the train step takes minutes on a 2-core CPU, so this
-file is not collected by the default suite (see tests/train_end_to_end.py); run explicitly:
+test reads what it left behind.
 
-    python -m pytest tests/quickstart_end_to_end.py -q -s
+    python -m pytest tests/end_to_end/test_quickstart.py -q -s
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from PIL import Image
 from tests.test_quickstart import IMAGES, write_examples
 from xpsr_jax import quickstart
 
-pytestmark = pytest.mark.end_to_end  # outside the default run (setup.cfg)
+pytestmark = pytest.mark.end_to_end
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3

@@ -4,14 +4,9 @@ continues in one process.
 
 Every run is a subprocess sharing one persistent JAX compilation cache, so the train step is
 compiled twice in all (the 1-process 4-device program and the 2-process one); the other runs
-load it from the cache.
+load it from the cache (keep it between pytest runs with XPSR_TEST_COMPILE_CACHE=/some/folder).
 
-Not collected by the default suite (the name lacks `test_`): XLA's CPU compile of the tiny train
-step alone takes minutes on a 2-core machine (measured 435 s under load), more than the CI
-budget of the whole suite allows. Run explicitly (keep the compile cache between runs with
-XPSR_TEST_COMPILE_CACHE=/some/folder):
-
-    python -m pytest tests/train_end_to_end.py -q -s
+    python -m pytest tests/end_to_end/test_train.py -q -s
 """
 from __future__ import annotations
 
@@ -29,7 +24,7 @@ from xpsr_jax.training import metrics as metrics_lib
 
 from tests.test_train_cli import LOSS_KEYS, TOTAL_STEPS, losses, setup  # noqa: F401  (setup: a fixture)
 
-pytestmark = pytest.mark.end_to_end  # outside the default run (setup.cfg)
+pytestmark = pytest.mark.end_to_end
 
 
 

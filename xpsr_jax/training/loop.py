@@ -54,14 +54,16 @@ from xpsr_jax.training.metrics import MetricsWriter
 from xpsr_jax.training.models import load_training_models
 from xpsr_jax.training.sharding import global_batch, make_mesh
 from xpsr_jax.training.step import (
+    checkpoint_restore_target,
     create_train_state,
     format_memory_estimate,
     make_train_step,
     memory_estimate,
+    optimizer_layout_record,
 )
 from xpsr_jax.training.validation import Validator
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: optimizer state in the flat layout of meta["optimizer_layout"]
 
 
 SPEED_WINDOW = 10  # steps the logged s/step and img/s are averaged over
@@ -118,10 +120,6 @@ class _AnyProcessFlag:
 
 def _model_batch(local_batch: Mapping[str, Any], keys) -> dict[str, np.ndarray]:
     return {key: np.asarray(local_batch[key]) for key in keys}
-
-
-def _abstract_like(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
@@ -202,9 +200,15 @@ def train(config, workdir: str | os.PathLike, *,
     noise_schedule = noise_schedule_from_config(load_scheduler_config(config.base_model))
 
     checkpoints = TrainCheckpoints(workdir / CHECKPOINT_DIR, keep=int(config.keep_checkpoints))
+    optimizer_layout = optimizer_layout_record(state, mesh, config)
     start_step, data_position = 0, 0
     if latest is not None:
-        state, meta = checkpoints.restore(latest, _abstract_like(state))
+        target, convert = checkpoint_restore_target(state, mesh, config, meta.get("optimizer_layout"))
+        state, meta = checkpoints.restore(latest, target)
+        if convert is not None:
+            _say(f"checkpoint {latest}: optimizer state converted from layout "
+                 f"{meta.get('optimizer_layout') or 'per parameter'} to this run's")
+            state = convert(state)
         start_step, data_position = int(meta["step"]), int(meta["data_position"])
         if int(np.asarray(state.step)) != start_step:
             raise RuntimeError(f"checkpoint {latest}: state.step={int(np.asarray(state.step))} "
@@ -251,7 +255,7 @@ def train(config, workdir: str | os.PathLike, *,
         return {"version": STATE_VERSION, "step": step,
                 "data_position": data_position + (step - start_step) * global_batch_size,
                 "global_batch_size": global_batch_size, "process_count": jax.process_count(),
-                "frozen_base": reference, "config": json.loads(
+                "frozen_base": reference, "optimizer_layout": optimizer_layout, "config": json.loads(
                     train_config.config_to_json(config))}
 
     def read(step: int, metrics: Mapping[str, jax.Array]) -> None:

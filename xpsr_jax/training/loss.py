@@ -77,10 +77,10 @@ def encode_latents(vae: Any, pixel_values: jax.Array, vae_sample: jax.Array) -> 
 
 
 def encode_prompts(text_encoder: Any, highlevel_input_ids: jax.Array, lowlevel_input_ids: jax.Array):
-    """(high-level, low-level) last hidden states, without gradient."""
-    high = jax.lax.stop_gradient(text_encoder(highlevel_input_ids))
-    low = jax.lax.stop_gradient(text_encoder(lowlevel_input_ids))
-    return high, low
+    """(high-level, low-level) last hidden states, without gradient. One encoder call on both
+    prompt batches stacked: rows do not interact, and the program holds one copy of CLIP."""
+    hidden = jax.lax.stop_gradient(text_encoder(jnp.concatenate([highlevel_input_ids, lowlevel_input_ids])))
+    return hidden[:highlevel_input_ids.shape[0]], hidden[highlevel_input_ids.shape[0]:]
 
 
 def xpsr_loss(models: Any, batch: Mapping[str, jax.Array], draws: LossDraws, *, noise_schedule: Any,

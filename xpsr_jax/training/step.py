@@ -2,8 +2,11 @@
 
 The four networks are split ONCE (`create_train_state`): trainable parameters (the official
 split, `trainable.py`) go into `TrainState.params` with their optimizer state; everything else
-is `frozen` (no optimizer state, no weight gradients, stored in the frozen dtype). The step is a
-plain `jax.jit` of a module-level pure function of (state, frozen, batch); the networks are
+is `frozen` (no optimizer state, no weight gradients, stored in the frozen dtype). The optimizer
+state is kept in the flat layout of `flat.py` (a few large buffers), so clipping, AdamW and the
+finite guard compile to a handful of fused ops; checkpoints hold it as it is, with the layout in
+their meta (`checkpoint_restore_target` converts when a run resumes with another one). The
+step is a plain `jax.jit` of a module-level pure function of (state, frozen, batch); the networks are
 merged inside the loss, so gradients still flow through the frozen UNet into the ControlNet.
 Per-step randomness is `fold_in(state.rng, state.step)`: resuming needs only the step.
 """
@@ -23,6 +26,7 @@ from jax.sharding import Mesh
 
 from xpsr_jax.compile_cache import watch_compile
 from xpsr_jax.models.dtypes import dtype_from_name
+from xpsr_jax.training.flat import FlatLayout
 from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
 from xpsr_jax.training.loss_scale import (
     all_finite,
@@ -42,9 +46,9 @@ LOSS_SCALING = ("none", "dynamic")
 @struct.dataclass
 class TrainState:
     """step: int32 scalar (micro-steps done); params: {"unet", "controlnet"} -> nnx.State of the
-    trainable parameters; opt_state: optax state of params; rng: uint32[2] key of the per-step
-    draws; ema_params: like params, or None when ema_decay is 0; loss_scale: a LossScaleState
-    with precision.loss_scaling="dynamic", else None."""
+    trainable parameters; opt_state: optax state of the params' flat layout (`flat_layout`);
+    rng: uint32[2] key of the per-step draws; ema_params: like params, or None when ema_decay
+    is 0; loss_scale: a LossScaleState with precision.loss_scaling="dynamic", else None."""
 
     step: jax.Array
     params: dict
@@ -92,16 +96,71 @@ def merge_models(graphdefs: Mapping[str, Any], params: Mapping[str, Any], frozen
                          else nnx.merge(graphdefs[name], frozen[name]) for name in MODEL_NAMES})
 
 
+def flat_layout(params: Any, mesh: Mesh, config: Any) -> FlatLayout:
+    """The flat layout of the trainable params under this run's sharding rule."""
+    return FlatLayout.for_params(params, fsdp_size=mesh.shape["fsdp"], shard=bool(config.mesh.shard_trainable))
+
+
 def state_shardings(state: TrainState, mesh: Mesh, config: Any) -> TrainState:
-    """Shardings of a TrainState: params / opt state / EMA by the fsdp rule when
-    mesh.shard_trainable, else replicated; step and rng replicated."""
+    """Shardings of a TrainState: params / EMA by the fsdp rule when mesh.shard_trainable, else
+    replicated; the flat optimizer state split the same way (`FlatLayout.shardings`); step and
+    rng replicated."""
+    layout = flat_layout(state.params, mesh, config)
     shard = bool(config.mesh.shard_trainable)
     return TrainState(step=replicated(mesh), params=tree_shardings(state.params, mesh, shard=shard),
-                      opt_state=tree_shardings(state.opt_state, mesh, shard=shard), rng=replicated(mesh),
+                      opt_state=layout.tree_shardings(state.opt_state, mesh), rng=replicated(mesh),
                       ema_params=None if state.ema_params is None
                       else tree_shardings(state.ema_params, mesh, shard=shard),
                       loss_scale=None if state.loss_scale is None
                       else jax.tree.map(lambda _: replicated(mesh), state.loss_scale))
+
+
+def optimizer_layout_record(state: TrainState, mesh: Mesh, config: Any) -> dict:
+    """The flat layout of `state.opt_state` as JSON (kept in each checkpoint's meta)."""
+    return flat_layout(state.params, mesh, config).record()
+
+
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
+
+
+def checkpoint_restore_target(state: TrainState, mesh: Mesh, config: Any,
+                              saved_layout: Mapping[str, Any] | None) -> tuple[TrainState, Any]:
+    """(abstract state to restore a checkpoint into, conversion to this run's state or None).
+
+    A checkpoint holds the optimizer state in the flat layout it was trained with (its meta's
+    `optimizer_layout`). The same layout (the usual resume, or another data-parallel size)
+    restores as it is. Another one (a new fsdp size or sharding switch) or none (a checkpoint
+    from before the flat layout: per-parameter optimizer state) restores replicated and is
+    converted through the per-parameter form by one jitted program.
+    """
+    layout = flat_layout(state.params, mesh, config)
+    running = _with_shardings(state, state_shardings(state, mesh, config))
+    if saved_layout is not None and dict(saved_layout) == layout.record():
+        return running, None
+    if saved_layout is None:
+        source = None
+    else:
+        source = FlatLayout.for_params(state.params, fsdp_size=int(saved_layout.get("fsdp_size", 1)),
+                                       shard=bool(saved_layout.get("shard", False)))
+        if source.record() != dict(saved_layout):
+            raise ValueError(f"the checkpoint's optimizer layout {dict(saved_layout)} does not fit this run's "
+                             f"trainable parameters (expected groups {source.record()['groups']}): was it "
+                             "written with another precision.param_dtype or model?")
+
+    def to_source(opt_state):
+        per_parameter = layout.to_per_parameter(opt_state)
+        return per_parameter if source is None else source.from_per_parameter(per_parameter)
+
+    saved_opt_state = jax.eval_shape(to_source, state.opt_state)
+    target = running.replace(opt_state=_with_shardings(
+        saved_opt_state, jax.tree.map(lambda _: replicated(mesh), saved_opt_state)))
+
+    def convert(saved: TrainState) -> TrainState:
+        per_parameter = saved.opt_state if source is None else source.to_per_parameter(saved.opt_state)
+        return saved.replace(opt_state=layout.from_per_parameter(per_parameter))
+
+    return target, jax.jit(convert, out_shardings=state_shardings(state, mesh, config), donate_argnums=(0,))
 
 
 def frozen_shardings(frozen: Any, mesh: Mesh, config: Any) -> Any:
@@ -130,8 +189,12 @@ def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[Tra
     params = jax.device_put(params, tree_shardings(params, mesh, shard=shard))
     frozen = jax.device_put(frozen, frozen_shardings(frozen, mesh, config))
     tx = make_optimizer(config.optimizer, int(config.total_steps))
-    opt_shape = jax.eval_shape(tx.init, params)
-    opt_state = jax.jit(tx.init, out_shardings=tree_shardings(opt_shape, mesh, shard=shard))(params)
+    layout = flat_layout(params, mesh, config)
+
+    def init(params):
+        return tx.init(layout.flatten(params))
+
+    opt_state = jax.jit(init, out_shardings=layout.tree_shardings(jax.eval_shape(init, params), mesh))(params)
     ema = None
     if float(config.optimizer.ema_decay) > 0:
         ema = jax.tree.map(jnp.copy, params)
@@ -149,14 +212,15 @@ def _where_tree(condition: jax.Array, new: Any, old: Any) -> Any:
 
 
 def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *, graphdefs: Mapping[str, Any],
-               tx: optax.GradientTransformation, noise_schedule: Any, dfc_weight: float, optimizer_config: Any,
-               total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, layout: FlatLayout, noise_schedule: Any, dfc_weight: float,
+               optimizer_config: Any, total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
     """One micro-step: loss and gradients of the trainable params, then the optimizer update.
 
     A non-finite loss or gradient leaves params / optimizer state unchanged (is_finite = False in
     the metrics; the loop stops on it). With dynamic loss scaling an overflowing gradient is
     expected now and then: that step is skipped and the scale halved (metrics `loss_scale`,
-    `skipped`); only a non-finite loss stops the run.
+    `skipped`); only a non-finite loss stops the run. Clipping, AdamW and the guard run on the
+    flat buffers of `layout`; the new params are split back into tensors.
     """
     key = jax.random.fold_in(state.rng, state.step)
     vae = nnx.merge(graphdefs["vae"], frozen["vae"])
@@ -173,11 +237,13 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     else:
         (loss, terms), grads = scaled_value_and_grad(loss_fn, loss_scale)(state.params)
+    grads = layout.flatten(grads)
+    old_params = layout.flatten(state.params)
     grad_norm = optax.tree.norm(grads)
-    apply = jnp.isfinite(loss) & all_finite(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params = _where_tree(apply, params, state.params)
+    grads_finite = all_finite(grads)
+    apply = jnp.isfinite(loss) & grads_finite
+    updates, opt_state = tx.update(grads, state.opt_state, old_params)
+    params = layout.unflatten(_where_tree(apply, optax.apply_updates(old_params, updates), old_params))
     opt_state = _where_tree(apply, opt_state, state.opt_state)
     ema = state.ema_params
     if ema is not None:
@@ -190,7 +256,7 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
         metrics["is_finite"] = apply
     else:
         metrics.update(is_finite=jnp.isfinite(loss), loss_scale=loss_scale.scale, skipped=~apply)
-        loss_scale = update_loss_scale(loss_scale, all_finite(grads))
+        loss_scale = update_loss_scale(loss_scale, grads_finite)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                               loss_scale=loss_scale)
     return new_state, metrics
@@ -222,7 +288,8 @@ def lower_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: 
     """
     _check_precision(config)
     tx = make_optimizer(config.optimizer, int(config.total_steps))
-    step_fn = functools.partial(train_step, graphdefs=graphdefs, tx=tx, noise_schedule=noise_schedule,
+    step_fn = functools.partial(train_step, graphdefs=graphdefs, tx=tx, layout=flat_layout(state.params, mesh, config),
+                                noise_schedule=noise_schedule,
                                 dfc_weight=float(config.loss.dfc_weight), optimizer_config=config.optimizer,
                                 total_steps=int(config.total_steps))
     state_sh = state_shardings(state, mesh, config)

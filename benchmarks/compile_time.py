@@ -1,0 +1,253 @@
+"""Compile time of the train step and the sampling loop: this checkout beside a previous commit.
+
+    python -m benchmarks.compile_time                       # vs HEAD~1, tiny + SD 1.5 lowering, 1 round
+    python -m benchmarks.compile_time --baseline 1466988 --rounds 2 --json compile.jsonl
+    python -m benchmarks.compile_time --baseline none       # this checkout only
+
+Rows: the tiny train step (the quickstart's: `configs/train.py:tiny` on `xpsr_jax.models.tiny`,
+batch 2 at 64 px, float32) and the tiny sampling loop (`configs/infer.py:tiny`, one 32 px LR to
+128 px, the pipeline's own compile) are traced, lowered and XLA-compiled; the SD 1.5 size train
+step (bf16, batch 1 at 512 px, the default config's remat) is traced and lowered from shapes only
+(its XLA compile does not fit this machine). Figures: tracing + lowering seconds (which no
+compilation cache skips), XLA compile seconds (the persistent cache is off), XLA fusions in the
+compiled program, and ops in the lowered StableHLO.
+
+The baseline is measured in the same run from `git archive` of the given commit: every
+measurement runs in a fresh subprocess of this file with that tree first on PYTHONPATH, and the
+rounds alternate (this, baseline, this, ...) so machine noise hits both alike. The median of the
+rounds is printed, with the ratio this / baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = ("train tiny", "sample tiny", "train sd15 (lower only)")
+_FUSION = re.compile(r"^\s*(?:ROOT\s+)?\S+ = \S+ fusion\(", re.M)
+
+
+def _fusions(compiled) -> int:
+    return len(_FUSION.findall(compiled.as_text()))
+
+
+def _stablehlo_ops(lowered) -> int:
+    return sum(1 for line in lowered.as_text().splitlines() if "stablehlo." in line or "= call @" in line)
+
+
+# ----------------------------------------------------------------------------- worker (one row)
+# Runs in a subprocess whose `xpsr_jax` is the tree under test; uses only APIs both trees have.
+
+def _train_row(size: str) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from xpsr_jax.configs.train import get_config
+    from xpsr_jax.schedulers import noise_schedule_from_config
+    from xpsr_jax.training import create_train_state, make_mesh
+    from xpsr_jax.training.step import lower_train_step, split_models
+
+    if size == "tiny":
+        from xpsr_jax.models.tiny import write_tiny_model
+        from xpsr_jax.schedulers import load_scheduler_config
+        from xpsr_jax.training import load_training_models
+
+        config = get_config("tiny")
+        paths = write_tiny_model(tempfile.mkdtemp(prefix="compile_time_"))
+        models = load_training_models(str(paths.sd15), "", config.model.to_dict(), attention_backend="xla")
+        schedule = noise_schedule_from_config(load_scheduler_config(paths.sd15 / "scheduler"))
+        mesh = make_mesh(config.mesh)
+        state, frozen, graphdefs = create_train_state(models, config, mesh)
+        batch_size, resolution = int(config.pipeline.batch_size), int(config.pipeline.resolution)
+    else:  # SD 1.5 size from shapes: the state is built under eval_shape, nothing is allocated
+        import jax.numpy as jnp
+
+        from xpsr_jax.models import (
+            AutoencoderKL,
+            AutoencoderKLConfig,
+            CLIPTextConfig,
+            CLIPTextEncoder,
+            XPSRControlNet,
+            XPSRUNet,
+            XPSRUNetConfig,
+        )
+        from xpsr_jax.training import XPSRModels
+        from xpsr_jax.training.models import remat_block_types
+
+        config = get_config()
+        kwargs = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention_backend="xla")
+        unet = nnx.eval_shape(lambda: XPSRUNet(XPSRUNetConfig(), rngs=nnx.Rngs(0), **kwargs))
+        controlnet = nnx.eval_shape(lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0),
+                                                                     load_weights_from_unet=False, **kwargs)[0])
+        unet.remat_block_types = remat_block_types(config.remat.unet)
+        controlnet.remat_block_types = remat_block_types(config.remat.controlnet)
+        vae = nnx.eval_shape(lambda: AutoencoderKL(AutoencoderKLConfig(), rngs=nnx.Rngs(0), **kwargs))
+        text_encoder = nnx.eval_shape(lambda: CLIPTextEncoder(CLIPTextConfig.stable_diffusion_v1(), rngs=nnx.Rngs(0), **kwargs))
+        models = XPSRModels(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder)
+        mesh = make_mesh(config.mesh, jax.devices()[:1])
+        graphdefs = split_models(models)[0]
+        names = list(XPSRModels._fields)
+        defs, states = zip(*(nnx.split(getattr(models, name)) for name in names))
+
+        def build(states):
+            merged = XPSRModels(**{n: nnx.merge(d, s) for n, d, s in zip(names, defs, states)})
+            return create_train_state(merged, config, mesh)[:2]
+
+        state, frozen = jax.eval_shape(build, list(states))
+        schedule = noise_schedule_from_config(dict(beta_start=0.00085, beta_end=0.012,
+                                                   beta_schedule="scaled_linear", num_train_timesteps=1000))
+        batch_size, resolution = 1, int(config.pipeline.resolution)
+    images = np.zeros((batch_size, resolution, resolution, 3), np.float32)
+    ids = np.zeros((batch_size, 77), np.int32)
+    batch = {"pixel_values": images, "conditioning_pixel_values": images, "highlevel_input_ids": ids,
+             "lowlevel_input_ids": ids}
+    lowered, lower_seconds = lower_train_step(config, graphdefs, schedule, mesh, state, frozen, batch)
+    row = {"lower_s": lower_seconds, "stablehlo_ops": _stablehlo_ops(lowered),
+           "trainable_tensors": len(jax.tree.leaves(state.params))}
+    if size == "tiny":
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        row.update(compile_s=time.perf_counter() - start, fusions=_fusions(compiled))
+    return row
+
+
+def _sample_row() -> dict:
+    import numpy as np
+
+    from xpsr_jax.configs.infer import get_config
+    from xpsr_jax.inference.pipeline import XPSRPipeline
+    from xpsr_jax.models.tiny import write_tiny_model
+
+    paths = write_tiny_model(tempfile.mkdtemp(prefix="compile_time_"))
+    config = get_config("tiny")
+    pipeline = XPSRPipeline.from_pretrained(paths.xpsr, paths.sd15, config=config)
+    messages = []
+    pipeline.on_compile = messages.append
+    lr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pipeline([lr], ["a photo"], ["sharp"], seeds=[0])
+    done = next(m for m in messages if m.startswith("compiled"))
+    lower = float(re.search(r"tracing and lowering ([\d.]+) s", done).group(1))
+    compiled = list(pipeline._compiled.values())[-1]  # the sampler just compiled
+    return {"lower_s": lower, "compile_s": pipeline.compile_seconds - lower, "fusions": _fusions(compiled)}
+
+
+def worker(row: str) -> dict:
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)  # XLA compiles every time
+    if row == "train tiny":
+        return _train_row("tiny")
+    if row == "sample tiny":
+        return _sample_row()
+    return _train_row("sd15")
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _checkout(revision: str, into: Path) -> str:
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", revision], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return commit
+
+
+def _measure(tree: Path, row: str, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree), JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    done = subprocess.run([sys.executable, __file__, "--worker", row], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
+    if done.returncode or not lines:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(lines[-1][4:])
+
+
+def _median(results: list[dict], key: str):
+    values = [r[key] for r in results if key in r]
+    return statistics.median(values) if values else None
+
+
+def _cell(value, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}" if digits else f"{int(value):,}"
+
+
+def _ratio(now, before) -> str:
+    return f"{now / before:.2f}x" if now is not None and before else "n/a"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--baseline", default="HEAD~1", help="commit to compare with ('none': this tree only)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating measurements of each tree per row")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per measurement")
+    parser.add_argument("--json", help="append one record per row and tree here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("ROW " + json.dumps(worker(args.worker)), flush=True)
+        return 0
+
+    trees = {"this": REPO}
+    with tempfile.TemporaryDirectory(prefix="compile_time_baseline_") as scratch:
+        label = "none"
+        if args.baseline != "none":
+            label = _checkout(args.baseline, Path(scratch))
+            trees["baseline"] = Path(scratch)
+        load = os.getloadavg()[0]
+        results: dict = {(row, name): [] for row in args.rows for name in trees}
+        for row in args.rows:
+            for round_ in range(args.rounds):
+                for name, tree in trees.items():
+                    result = _measure(tree, row, args.timeout)
+                    results[row, name].append(result)
+                    print(f"  {row}, {name}, round {round_ + 1}: {result}", file=sys.stderr, flush=True)
+    print(f"\nCompile time, {os.cpu_count()} CPUs, load {load:.1f} at start, median of {args.rounds} round(s); "
+          f"baseline {label}\n")
+    columns = ["row", "tracing+lowering s", "XLA compile s", "total s", "XLA fusions", "StableHLO ops"]
+    if "baseline" in trees:
+        columns += ["baseline: tracing+lowering s", "XLA compile s", "total s", "XLA fusions", "StableHLO ops",
+                    "total: this / baseline"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in args.rows:
+        cells = []
+        totals = []
+        for name in trees:
+            runs = [r for r in results[row, name] if "error" not in r]
+            if args.json:
+                with open(args.json, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"row": row, "tree": name if name == "this" else label,
+                                             "runs": results[row, name]}) + "\n")
+            if not runs:
+                cells += [f"error: {results[row, name][0]['error']}"] + ["n/a"] * 4
+                totals.append(None)
+                continue
+            lower, compile_ = _median(runs, "lower_s"), _median(runs, "compile_s")
+            total = lower + compile_ if compile_ is not None else None
+            totals.append(total)
+            cells += [_cell(lower), _cell(compile_), _cell(total), _cell(_median(runs, "fusions"), 0),
+                      _cell(_median(runs, "stablehlo_ops"), 0)]
+        if "baseline" in trees:
+            cells.append(_ratio(totals[0], totals[1]) if totals[1] is not None else
+                         _ratio(_median(results[row, "this"], "lower_s"), _median(results[row, "baseline"], "lower_s"))
+                         + " (lowering)")
+        print(f"| {row} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
