@@ -572,3 +572,35 @@ def test_a_write_failing_mid_run_stops_cleanly_and_the_rerun_resumes(tmp_path, c
     assert cli.main(argv) == 0
     assert "1 already done, 2 to run" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_mixed_sizes_compile_once_per_processed_size_and_oversized_inputs_are_refused(tiny, tmp_path):
+    """LR 16x16 and 12x12 are both sampled at 64x64 (process_size 64), 24x16 at 96x64: two
+    compiles for five images; a 40x40 LR (160x160 output) is over max_output_pixels=10000 and is
+    refused by name, before anything loads, while the others run."""
+    from xpsr_jax.inference.cli import main
+
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    sizes = {"a": (16, 16), "b": (12, 12), "c": (16, 24), "d": (16, 16), "e": (16, 24), "f": (40, 40)}
+    for index, (stem, (height, width)) in enumerate(sizes.items()):
+        Image.fromarray(lr_image(index, height, width)).save(folder / f"{stem}.png")
+    out = tmp_path / "out"
+    capture, printed = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(capture), contextlib.redirect_stdout(printed):
+        code = main(["--weights", str(tiny.xpsr), "--sd15", str(tiny.sd15), "--input", str(folder),
+                     "--output", str(out), "--highlevel-prompt", "a photo", "--lowlevel-prompt", "sharp",
+                     "--config", str(REPO / "configs" / "infer.py:tiny"), "--config.batch_size=1",
+                     "--config.num_inference_steps=1", "--config.max_output_pixels=10000"])
+    stdout, stderr = printed.getvalue(), capture.getvalue()
+    assert code == 1, stderr
+    compiles = re.findall(r"compiling the sampler for batch 1 at (\d+x\d+) px", stdout)
+    assert sorted(compiles) == ["64x64", "64x96"], stdout
+    assert sorted(p.stem for p in out.iterdir()) == ["a", "b", "c", "d", "e"]
+    for stem, (height, width) in sizes.items():
+        if stem != "f":
+            assert Image.open(out / f"{stem}.png").size == (4 * width, 4 * height)
+    refused = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert refused == [f"error: {folder / 'f.png'}: 40x40 px input makes a 160x160 px image (25,600 px), over "
+                       "max_output_pixels=10,000; raise it with --config.max_output_pixels=25600 (memory and "
+                       "time grow with it)"], stderr

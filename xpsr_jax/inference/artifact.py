@@ -14,7 +14,7 @@ from xpsr_jax.weights.artifact import ArtifactInputError
 from xpsr_jax.weights.formats import STABLEHLO, WeightsFormatError, read_manifest
 
 # Run-time settings: not part of an exported program (the seed enters as keys, batches are split).
-ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed", "apply_exif_orientation", "compile_cache")
+ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed", "apply_exif_orientation", "compile_cache", "max_output_pixels")
 
 
 def stablehlo_artifact_path(weights: str) -> Path | None:

@@ -214,6 +214,7 @@ def run(args, config, artifact=None) -> int:
             image = load_lr(path, apply_exif_orientation=config.apply_exif_orientation)
             highlevel, lowlevel = prompts.prompts(path)
             conditioning_shape = preprocess_lr(image, config.process_size, upscale=config.upscale).shape
+            check_output_size(image.shape, conditioning_shape, config)
             if artifact is not None:
                 check_artifact_size(artifact, conditioning_shape)
         except (InputImageError, MissingPromptError, ArtifactInputError, OSError, UnicodeDecodeError) as error:
@@ -254,6 +255,18 @@ def run(args, config, artifact=None) -> int:
           + (f"; {skipped} already there" if skipped else "")
           + (f"; {len(failures)} failed" if failures else ""), flush=True)
     return _summary(failures)
+
+
+def check_output_size(lr_shape: tuple[int, ...], processed_shape: tuple[int, ...], config) -> None:
+    """InputImageError when the image sampled (the x4 output, raised to process_size) or written
+    is over `max_output_pixels`: named with both sizes, the limit and the key that raises it."""
+    limit = int(config.get("max_output_pixels", 4096 * 4096))
+    output = (config.upscale * lr_shape[0], config.upscale * lr_shape[1])
+    height, width = max((output, tuple(processed_shape[:2])), key=lambda hw: hw[0] * hw[1])
+    if height * width > limit:
+        raise InputImageError(f"{lr_shape[1]}x{lr_shape[0]} px input makes a {width}x{height} px image "
+                              f"({width * height:,} px), over max_output_pixels={limit:,}; raise it with "
+                              f"--config.max_output_pixels={width * height} (memory and time grow with it)")
 
 
 class OutputWriteError(RuntimeError):

@@ -52,6 +52,9 @@ def default_infer_config() -> config_dict.ConfigDict:
     config.param_dtype = "float32"
     config.attention_backend = "auto"
     config.batch_size = 8  # images per jitted call (rounded up to a multiple of the device count)
+    # Largest image sampled or written, in pixels (width x height): an input that would make a
+    # larger one is refused by name before any model loads. 4096 x 4096 by default.
+    config.max_output_pixels = 4096 * 4096
     config.seed = 0  # every image's draws come from this seed (so results do not depend on batching)
     # Read inputs as a viewer shows them (EXIF orientation applied); False keeps the stored pixels.
     config.apply_exif_orientation = True
@@ -117,6 +120,7 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
     if config.attention_backend not in ATTENTION_BACKENDS:
         raise bad("attention_backend", " | ".join(ATTENTION_BACKENDS))
     positive_int("batch_size", config.batch_size)
+    positive_int("max_output_pixels", config.get("max_output_pixels", 4096 * 4096))
     if not isinstance(config.seed, int) or config.seed < 0:
         raise bad("seed", "an integer >= 0")
     if not isinstance(config.apply_exif_orientation, bool):
