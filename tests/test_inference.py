@@ -177,6 +177,28 @@ def test_tile_synced_group_norm_uses_whole_image_statistics():
     assert np.abs(jnp.concatenate(list(per_tile), axis=1) - norm(x)).max() > 1e-3
 
 
+def test_tiled_programs_do_not_grow_with_the_tile_count():
+    """Large images fail to compile when the program holds one update per tile (a 2048 px output
+    at 16-latent-px tiles is 441 latent tiles): blending and VAE assembly are loops."""
+    def lowered_ops(fn, *shapes):
+        text = jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).as_text()
+        return sum(1 for line in text.splitlines() if "stablehlo." in line)
+
+    def blend(side):
+        return lowered_ops(lambda z, im: tiling.tiled_model_call(lambda a, b, k: a * 2.0, z, im, tile_size=8,
+                                                                 overlap=2, tile_batch_size=4),
+                           (1, side, side, 4), (1, 8 * side, 8 * side, 3))
+
+    def assemble(side):
+        tiles = tiling.vae_tiles(side, side, 12, 6)
+        return lowered_ops(lambda z: tiling.run_tiled(lambda w: w * 2.0, z, tiles, 1), (1, side, side, 4))
+
+    assert len(tiling.latent_tile_offsets(80, 80, 8, 2)[1]) == 169
+    assert blend(20) == blend(80)  # 16 tiles vs 169
+    assert len(tiling.vae_tiles(200, 200, 12, 6)) > 10 * len(tiling.vae_tiles(40, 40, 12, 6))
+    assert assemble(40) == assemble(200)
+
+
 def test_tiled_vae_assembles_tiles_and_stays_close_to_untiled(tiny):
     from xpsr_jax.models import AutoencoderKL
 
