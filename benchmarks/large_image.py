@@ -51,7 +51,7 @@ def worker(size: int, tiles: str) -> dict:
         if latent_tiling_applies(latent, latent, tiling.latent_tile_size) else 1,
         "encoder_tiles": len(vae_tiles(size, size, tiling.vae_encoder_tile_size, 32, align=8) or [0]),
         "decoder_tiles": len(vae_tiles(latent, latent, tiling.vae_decoder_tile_size, 11) or [0]),
-    }
+    }  # 1 = run whole
     print("TILES " + json.dumps(counts), flush=True)
     lr = np.random.default_rng(0).integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
     start = time.perf_counter()
@@ -93,6 +93,7 @@ def main(argv=None) -> int:
             if line.startswith("TILES "):
                 counts = json.loads(line[6:])
                 tiles = f"{counts['latent_tiles']} / {counts['encoder_tiles']} / {counts['decoder_tiles']}"
+                tiles = "untiled" if tiles == "1 / 1 / 1" else tiles
         rows = [json.loads(line[4:]) for line in output.splitlines() if line.startswith("ROW ")]
         if done is None:
             print(f"| {size} | {tiles} | did not finish within {args.timeout:.0f} s | | |", flush=True)
