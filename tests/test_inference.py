@@ -195,6 +195,13 @@ def test_tiled_programs_do_not_grow_with_the_tile_count():
 
     assert len(tiling.latent_tile_offsets(80, 80, 8, 2)[1]) == 169
     assert blend(20) == blend(80)  # 16 tiles vs 169
+    # Each group's predictions go into the blend buffer as they come: no array holds them all
+    # (169 tiles in 43 groups of 4 would be 43x4x1x8x8x4 or 172x1x8x8x4).
+    text = jax.jit(lambda z, im: tiling.tiled_model_call(lambda a, b, k: a * 2.0, z, im, tile_size=8, overlap=2,
+                                                         tile_batch_size=4)).lower(
+        jax.ShapeDtypeStruct((1, 80, 80, 4), jnp.float32), jax.ShapeDtypeStruct((1, 640, 640, 3), jnp.float32)).as_text()
+    assert "tensor<4x1x8x8x4xf32>" in text
+    assert not re.search(r"tensor<(43x4|172)x1x8x8x4xf32>", text)
     assert len(tiling.vae_tiles(200, 200, 12, 6)) > 10 * len(tiling.vae_tiles(40, 40, 12, 6))
     assert assemble(40) == assemble(200)
 

@@ -77,39 +77,42 @@ def tiled_model_call(model_fn, latents: jax.Array, image: jax.Array, *, tile_siz
 
     latents (N, h, w, C), image (N, 8h, 8w, 3); `model_fn` gets (N * k, t, t, C) and
     (N * k, 8t, 8t, 3) batch-major (sample n's k tiles are rows n*k .. n*k+k-1) and returns
-    predictions of the latent tile's shape. Tiles run `tile_batch_size` at a time under
-    `lax.map`, so memory is bounded by one group.
+    predictions of the latent tile's shape. Tiles run `tile_batch_size` at a time in a scan whose
+    carry is the blend buffer, so the only full-latent arrays are that buffer and the input:
+    memory is one group of tiles, and the program's size does not grow with the tile count
+    (441 tiles for a 2048 px output at 16-latent-px tiles).
     """
     n, height, width, channels = latents.shape
     tile, offsets = latent_tile_offsets(height, width, tile_size, overlap)
     factor = image.shape[1] // height
     group = min(tile_batch_size, len(offsets))
-    padded = offsets + [offsets[-1]] * (-len(offsets) % group)  # repeats are computed and dropped
+    padded = offsets + [offsets[-1]] * (-len(offsets) % group)  # repeats are computed, not added
     groups = np.asarray(padded, np.int32).reshape(-1, group, 2)
-
-    def run_group(group_offsets):
-        def crop(array, scale):
-            def one(offset):
-                start = (0, offset[0] * scale, offset[1] * scale, 0)
-                return jax.lax.dynamic_slice(array, start, (n, tile * scale, tile * scale, array.shape[-1]))
-            tiles = jax.vmap(one)(group_offsets)  # (k, N, ...)
-            return jnp.swapaxes(tiles, 0, 1).reshape((n * group,) + tiles.shape[2:])
-        out = model_fn(crop(latents, 1), crop(image, factor), group)
-        return jnp.swapaxes(out.reshape((n, group) + out.shape[1:]), 0, 1)
-
-    predictions = jax.lax.map(run_group, jnp.asarray(groups)).reshape((-1, n, tile, tile, channels))
+    is_tile = (np.arange(len(padded)) < len(offsets)).reshape(-1, group)
     weights = gaussian_tile_weights(tile, tile)
-    starts = jnp.asarray(offsets, jnp.int32)
 
-    # A loop over tiles, not one update per tile in the program: its size (and compile time) does
-    # not grow with the tile count (441 tiles for a 2048 px output at 16-latent-px tiles).
-    def add_tile(index, blended):
-        start = (0, starts[index, 0], starts[index, 1], 0)
-        window = jax.lax.dynamic_slice(blended, start, (n, tile, tile, channels))
-        update = window + predictions[index].astype(jnp.float32) * jnp.asarray(weights)[None, :, :, None]
-        return jax.lax.dynamic_update_slice(blended, update, start)
+    def crop(array, group_offsets, scale):
+        def one(offset):
+            start = (0, offset[0] * scale, offset[1] * scale, 0)
+            return jax.lax.dynamic_slice(array, start, (n, tile * scale, tile * scale, array.shape[-1]))
+        tiles = jax.vmap(one)(group_offsets)  # (k, N, ...)
+        return jnp.swapaxes(tiles, 0, 1).reshape((n * group,) + tiles.shape[2:])
 
-    blended = jax.lax.fori_loop(0, len(offsets), add_tile, jnp.zeros(latents.shape, jnp.float32))
+    def run_group(blended, inputs):
+        group_offsets, group_is_tile = inputs
+        out = model_fn(crop(latents, group_offsets, 1), crop(image, group_offsets, factor), group)
+        out = jnp.swapaxes(out.reshape((n, group) + out.shape[1:]), 0, 1)  # (k, N, t, t, C)
+
+        def add_tile(index, blended):  # tile by tile, in the order of `offsets`
+            start = (0, group_offsets[index, 0], group_offsets[index, 1], 0)
+            window = jax.lax.dynamic_slice(blended, start, (n, tile, tile, channels))
+            update = window + out[index].astype(jnp.float32) * jnp.asarray(weights)[None, :, :, None]
+            return jax.lax.dynamic_update_slice(blended, jnp.where(group_is_tile[index], update, window), start)
+
+        return jax.lax.fori_loop(0, group, add_tile, blended), None
+
+    blended, _ = jax.lax.scan(run_group, jnp.zeros(latents.shape, jnp.float32),
+                              (jnp.asarray(groups), jnp.asarray(is_tile)))
     contributors = np.zeros((height, width), np.float32)  # the same float32 sums, on the host
     for y, x in offsets:
         contributors[y:y + tile, x:x + tile] += weights
