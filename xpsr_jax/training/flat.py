@@ -131,7 +131,8 @@ class FlatLayout:
         return self.map_flat(lambda _: self.shardings(mesh), tree, lambda _: replicated)
 
     def to_per_parameter(self, tree: Any) -> Any:
-        """Every flat dict inside `tree` unflattened (the checkpoint layout); other leaves kept."""
+        """Every flat dict inside `tree` unflattened (per parameter, as optax would hold it without
+        this layout: the form between two layouts); other leaves kept."""
         return self.map_flat(self.unflatten, tree)
 
     def is_per_parameter(self, node: Any) -> bool:
