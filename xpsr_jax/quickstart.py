@@ -34,9 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
-
 from xpsr_jax.cli_config import ConfigFlagError, load_config_file
+from xpsr_jax.compile_cache import enable_compile_cache
 from xpsr_jax.data import images, prepare, tfds_builder
 from xpsr_jax.evaluation.cli import main as evaluate_main
 from xpsr_jax.export.cli import main as export_main
@@ -227,10 +226,7 @@ def _mean(values: Sequence[float]) -> float | None:
 def _use_compile_cache(folder: Path) -> None:
     """XLA's CPU compile of the train step is most of the chain's time: keep compiled programs
     in the workdir, so a rerun with more --steps loads them (unless the user set a cache)."""
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+    enable_compile_cache(folder)
 
 
 def run_quickstart(workdir: str | os.PathLike, steps: int = DEFAULT_STEPS,
