@@ -35,7 +35,13 @@ def worker(size: int, tiles: str) -> dict:
 
     from xpsr_jax.configs.infer import get_config
     from xpsr_jax.inference.pipeline import XPSRPipeline
-    from xpsr_jax.inference.tiling import latent_tile_offsets, latent_tiling_applies, vae_tiles
+    from xpsr_jax.inference.tiling import (
+        VAE_DECODER_PAD,
+        VAE_ENCODER_PAD,
+        latent_tile_offsets,
+        latent_tiling_applies,
+        vae_tiles,
+    )
     from xpsr_jax.models.tiny import write_tiny_model
 
     jax.config.update("jax_enable_compilation_cache", False)
@@ -49,8 +55,8 @@ def worker(size: int, tiles: str) -> dict:
     counts = {
         "latent_tiles": len(latent_tile_offsets(latent, latent, tiling.latent_tile_size, tiling.latent_tile_overlap)[1])
         if latent_tiling_applies(latent, latent, tiling.latent_tile_size) else 1,
-        "encoder_tiles": len(vae_tiles(size, size, tiling.vae_encoder_tile_size, 32, align=8) or [0]),
-        "decoder_tiles": len(vae_tiles(latent, latent, tiling.vae_decoder_tile_size, 11) or [0]),
+        "encoder_tiles": len(vae_tiles(size, size, tiling.vae_encoder_tile_size, VAE_ENCODER_PAD, align=8) or [0]),
+        "decoder_tiles": len(vae_tiles(latent, latent, tiling.vae_decoder_tile_size, VAE_DECODER_PAD) or [0]),
     }  # 1 = run whole
     print("TILES " + json.dumps(counts), flush=True)
     lr = np.random.default_rng(0).integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)

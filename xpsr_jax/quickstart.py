@@ -223,12 +223,6 @@ def _mean(values: Sequence[float]) -> float | None:
 # ----------------------------------------------------------------------------- the chain
 
 
-def _use_compile_cache(folder: Path) -> None:
-    """XLA's CPU compile of the train step is most of the chain's time: keep compiled programs
-    in the workdir, so a rerun with more --steps loads them (unless the user set a cache)."""
-    enable_compile_cache(folder)
-
-
 def run_quickstart(workdir: str | os.PathLike, steps: int = DEFAULT_STEPS,
                    examples: str | os.PathLike = DEFAULT_EXAMPLES) -> dict:
     """Runs (or resumes) the chain in `workdir`; returns the summary also written to
@@ -245,7 +239,9 @@ def run_quickstart(workdir: str | os.PathLike, steps: int = DEFAULT_STEPS,
     workdir.mkdir(parents=True, exist_ok=True)
     _write_state(workdir, state)
     paths = {key: workdir / name for key, name in LAYOUT.items()}
-    _use_compile_cache(paths["jax_cache"])
+    # XLA's CPU compile of the train step is most of the chain's time: keep compiled programs in
+    # the workdir, so a rerun with more --steps loads them (unless the user set a cache).
+    enable_compile_cache(paths["jax_cache"])
     inputs = {"model": {}, "data": {"crop_size": crop_size}, "train": {"steps": steps}}
     start, redo = time.perf_counter(), False
     for number, name in enumerate(STAGES, 1):

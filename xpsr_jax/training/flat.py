@@ -136,10 +136,7 @@ class FlatLayout:
         return self.map_flat(self.unflatten, tree)
 
     def is_per_parameter(self, node: Any) -> bool:
-        try:
-            return self.treedef == jax.tree.structure(node) and bool(self.places)
-        except Exception:  # a leaf type jax cannot compare
-            return False
+        return bool(self.places) and self.treedef == jax.tree.structure(node)
 
     def from_per_parameter(self, tree: Any) -> Any:
         """Inverse of `to_per_parameter`: every subtree with the parameters' structure flattened."""
