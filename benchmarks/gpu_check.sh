@@ -19,6 +19,12 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]              # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run [OUTDIR]    # every row on CPU at micro size (minutes: see below)
+#   bash benchmarks/gpu_check.sh --rows large [OUTDIR] # a second call: large outputs instead of the rows above
+#
+# --rows large: SD 1.5 size, bf16, 20 DDPM steps, 2048 and 4096 px outputs with the default tiles
+# and the streaming tiled VAE (benchmarks/large_image.py, each size in a fresh process): compile s,
+# sampling s and device peak memory, in OUTDIR/large_image.md and under the table. Its dry run
+# uses the micro model at 1024 px, 1 step, CPU tiles (about 6 minutes on 2 cores).
 #
 # The dry run (JAX_PLATFORMS=cpu, no nvidia-smi) passes the same scripts CPU flags and the "micro"
 # size (the tiny widths with two UNet levels: half the compile), so every code path of the GPU run
@@ -31,15 +37,25 @@ set -u
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 DRY=0
 OUTDIR=""
+ROWS=main
+EXPECT_ROWS=0
 for arg in "$@"; do
+  if [ "$EXPECT_ROWS" = 1 ]; then
+    case "$arg" in
+      main|large) ROWS=$arg; EXPECT_ROWS=0; continue ;;
+      *) echo "gpu_check.sh: --rows $arg (valid: main, large)" >&2; exit 2 ;;
+    esac
+  fi
   case "$arg" in
     --dry-run) DRY=1 ;;
+    --rows) EXPECT_ROWS=1 ;;
     -h|--help) usage; exit 0 ;;
-    -*) echo "gpu_check.sh: unknown option $arg (valid: --dry-run, -h)" >&2; exit 2 ;;
+    -*) echo "gpu_check.sh: unknown option $arg (valid: --dry-run, --rows main|large, -h)" >&2; exit 2 ;;
     *) [ -z "$OUTDIR" ] || { echo "gpu_check.sh: one OUTDIR only (got $OUTDIR and $arg)" >&2; exit 2; }
        OUTDIR=$arg ;;
   esac
 done
+[ "$EXPECT_ROWS" = 0 ] || { echo "gpu_check.sh: --rows needs a value (main, large)" >&2; exit 2; }
 OUTDIR=${OUTDIR:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -69,6 +85,7 @@ if [ "$DRY" = 1 ]; then
   SIZE=(--size micro); TRAIN_PX=64; SAMPLE_PX=64; STEPS=2; TRAIN_BATCHES=(1); SAMPLE_BATCHES=(1)
   TIMING=(--steps 2 --warmup 1); REPEATS=1; THREADS=2; COMPILE_BACKEND=eager; DTYPE=bfloat16
   DEVICE="CPU (dry run: micro model, $(nproc) cores)"; PARITY_K="sfa_everywhere and not non"
+  LARGE=(--model micro --sizes 1024 --steps 1 --tiles cpu)
   BUDGET=${GPU_CHECK_BUDGET:-1500}; SCALE=4
   export OMP_NUM_THREADS=1  # PyTorch's CPU threads collapse on a loaded machine; speed is not the point here
 else
@@ -76,6 +93,7 @@ else
   TIMING=(--steps 5 --warmup 2); REPEATS=2; THREADS=6; COMPILE_BACKEND=inductor; DTYPE=bfloat16
   DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)
   PARITY_K="sfa_everywhere"
+  LARGE=(--model sd15 --sizes 2048 4096 --steps 20)
   BUDGET=${GPU_CHECK_BUDGET:-$BUDGET}
 fi
 TORCH_ONLY=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)  # PyTorch rows: JAX must not reserve the GPU
@@ -147,6 +165,23 @@ EOF
     'PyTorch sees no CUDA device'; print('preflight: torch', torch.cuda.get_device_name(0))" >>"$LOG" 2>&1 \
     || { tail -20 "$LOG"; echo "gpu_check.sh: preflight failed (PyTorch on the GPU; see above)" >&2; exit 3; }
   grep '^preflight' "$LOG"
+fi
+if [ "$ROWS" = large ]; then
+  row "large outputs, xpsr-jax, ${LARGE[*]}" 540 python3 -m benchmarks.large_image "${LARGE[@]}" --dtype "$DTYPE" \
+    --timeout $(( $(left) / 2 - 5 )) --json "$RESULTS.large"
+  # large_image.py prints its own table (a size that fails or times out is a row saying so).
+  grep -h '^|' "$LOG" | grep -v '^| row ' > "$OUTDIR/large_image.md"
+  {
+    echo "# gpu_check.sh --rows large$( [ "$DRY" = 1 ] && echo ' --dry-run')"
+    echo
+    echo "device: $DEVICE; $VERSIONS; $MISSING; total $(($(date +%s) - START)) s"
+    echo
+    cat "$OUTDIR/large_image.md"
+    python3 -m benchmarks.common table "$RESULTS" 2>&1 | grep '| error: '
+  } > "$TABLE"
+  cat "$TABLE"
+  grep -q '| error: ' "$TABLE" && exit 1
+  exit 0
 fi
 PROFILE_DIR=$(mktemp -d)
 

@@ -14,6 +14,7 @@ the results as records for benchmarks/common.py (the table of benchmarks/gpu_che
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,8 +52,9 @@ def build_jax(size: str, dtype, backend: str, unet: dict | None = None, vae: dic
     return unet_config, unet, controlnet, vae
 
 
-def build_jax_sampler(size, *, batch, pixels, steps, dtype, backend, unet=None, vae=None):
-    """(compile seconds, a no-argument callable running the compiled loop once for `batch` images)."""
+def build_jax_sampler(size, *, batch, pixels, steps, dtype, backend, unet=None, vae=None, plan_overrides=None):
+    """(compile seconds, a no-argument callable running the compiled loop once for `batch` images);
+    `plan_overrides`: SamplingPlan fields to change (tile sizes, vae_streaming)."""
     unet_config, unet, controlnet, vae = build_jax(size, dtype, backend, unet, vae)
     networks, states = split_networks(unet, controlnet, vae)
     sampler = make_sampler("ddpm", SD15_SCHEDULER, steps)
@@ -61,6 +63,7 @@ def build_jax_sampler(size, *, batch, pixels, steps, dtype, backend, unet=None, 
                         color_fix="adain", scaling_factor=0.18215, tiling=True, latent_tile_size=320,
                         latent_tile_overlap=8, tile_batch_size=8, vae_encoder_tile_size=1024,
                         vae_decoder_tile_size=224)
+    plan = dataclasses.replace(plan, **(plan_overrides or {}))
     context = unet_config.cross_attention_dim
     embeds = PromptEmbeds(*(jnp.full((batch, 77, context), 0.1, dtype) for _ in range(4)))
     conditioning = jnp.full((batch, pixels, pixels, 3), 0.5, jnp.float32)

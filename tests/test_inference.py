@@ -227,6 +227,62 @@ def test_tiled_vae_assembles_tiles_and_stays_close_to_untiled(tiny):
     assert tiled.shape == whole.shape and relative < 0.1
 
 
+def test_streaming_tiled_vae_equals_the_all_tiles_vae(tiny):
+    """One tile at a time with pooled statistics recomputed pass by pass gives the numbers of the
+    vmapped all-tiles VAE (encode and decode), and of the plain VAE when one tile is the image."""
+    from xpsr_jax.models import AutoencoderKL
+
+    rng = np.random.default_rng(3)
+    vae = AutoencoderKL.from_pretrained(tiny.sd15, subfolder="vae")
+    synced = tiling.with_tile_synced_group_norm(vae)
+    latents = jnp.asarray(rng.normal(size=(2, 32, 24, 4)), jnp.float32)
+    image = jnp.asarray(rng.uniform(-1, 1, size=(1, 200, 136, 3)), jnp.float32)
+    decode_tiles = tiling.vae_tiles(32, 24, 8, 6)
+    encode_tiles = tiling.vae_tiles(200, 136, 64, 32, align=8)
+    assert len(decode_tiles) == 6 and len(encode_tiles) == 6
+
+    def streamed(stages_of, array, tiles, scale):
+        return np.asarray(jax.jit(lambda a: tiling.run_tiled_streaming(vae, stages_of, a, tiles, scale))(array))
+
+    decoded = streamed(lambda m: m.decode_stages(), latents, decode_tiles, 8)
+    expected = np.asarray(jax.jit(lambda z: tiling.run_tiled(synced.decode, z, decode_tiles, 8))(latents))
+    np.testing.assert_allclose(decoded, expected, atol=1e-4 * np.abs(expected).max())
+    moments = streamed(lambda m: m.encode_stages(), image, encode_tiles, 1 / 8)
+    expected = np.asarray(jax.jit(lambda x: tiling.run_tiled(
+        lambda w: synced.quant_conv(synced.encoder(w)), x, encode_tiles, 1 / 8))(image))
+    np.testing.assert_allclose(moments, expected, atol=1e-4 * np.abs(expected).max())
+
+    whole_latent = [tiling.VAETile((0, 32, 0, 24), (0, 32, 0, 24))]
+    np.testing.assert_allclose(streamed(lambda m: m.decode_stages(), latents, whole_latent, 8),
+                               np.asarray(jax.jit(vae.decode)(latents)), atol=1e-5)
+    whole_image = [tiling.VAETile((0, 200, 0, 136), (0, 200, 0, 136))]
+    np.testing.assert_allclose(streamed(lambda m: m.encode_stages(), image, whole_image, 1 / 8),
+                               np.asarray(jax.jit(lambda x: vae.quant_conv(vae.encoder(x)))(image)), atol=1e-5)
+
+
+def test_streaming_tiled_vae_memory_does_not_grow_with_the_image(tiny):
+    """XLA's own buffer plan: the streaming decoder's scratch memory is one tile's whatever the
+    tile count (4 -> 121 tiles), where the all-tiles VAE's grows with it."""
+    from xpsr_jax.models import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny.sd15, subfolder="vae")
+    synced = tiling.with_tile_synced_group_norm(vae)
+
+    def scratch_bytes(side, streaming):
+        tiles = tiling.vae_tiles(side, side, 16, 11)
+        fn = (lambda z: tiling.run_tiled_streaming(vae, lambda m: m.decode_stages(), z, tiles, 8)) if streaming \
+            else (lambda z: tiling.run_tiled(synced.decode, z, tiles, 8))
+        compiled = jax.jit(fn).lower(jax.ShapeDtypeStruct((1, side, side, 4), jnp.float32)).compile()
+        return len(tiles), compiled.memory_analysis().temp_size_in_bytes
+
+    (small_tiles, small), (large_tiles, large) = scratch_bytes(48, True), scratch_bytes(192, True)
+    print(f"streaming VAE scratch: {small / 2**20:.1f} MiB at {small_tiles} tiles, "
+          f"{large / 2**20:.1f} MiB at {large_tiles} tiles")
+    assert (small_tiles, large_tiles) == (4, 121)
+    assert large < 1.05 * small
+    assert scratch_bytes(192, False)[1] > 20 * large  # what the streaming version avoids
+
+
 # ---------------------------------------------------------------- the sampling loop and parity
 
 def injected_draws(seed: int, latent_hw: tuple[int, int], steps: int) -> SamplingNoise:
@@ -601,6 +657,44 @@ def test_a_write_failing_mid_run_stops_cleanly_and_the_rerun_resumes(tmp_path, c
     assert cli.main(argv) == 0
     assert "1 already done, 2 to run" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_size_that_will_not_fit_the_device_is_refused_before_sampling(tiny, tmp_path, monkeypatch):
+    """XLA's buffer plan of each compiled sampler is held against the device's free memory before
+    it runs: here the device (a stand-in for a GPU's figure; CPU reports none) has room for the
+    64x64 program only, so the 64x96 image is refused by name with the settings to change, and
+    the other size is written."""
+    from xpsr_jax.inference import memory, pipeline
+    from xpsr_jax.inference.cli import main
+
+    planned = []
+
+    def program_bytes(compiled):
+        planned.append(memory.program_bytes(compiled))
+        return planned[-1]
+
+    monkeypatch.setattr(pipeline, "program_bytes", program_bytes)
+    monkeypatch.setattr(pipeline, "device_free_bytes", lambda device: planned[0])
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    Image.fromarray(lr_image(0, 16, 16)).save(folder / "small.png")
+    Image.fromarray(lr_image(1, 16, 24)).save(folder / "wide.png")
+    capture, printed = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(capture), contextlib.redirect_stdout(printed):
+        code = main(["--weights", str(tiny.xpsr), "--sd15", str(tiny.sd15), "--input", str(folder),
+                     "--output", str(tmp_path / "out"), "--highlevel-prompt", "a photo", "--lowlevel-prompt", "sharp",
+                     "--config", str(REPO / "configs" / "infer.py:tiny"), "--config.batch_size=1",
+                     "--config.num_inference_steps=1"])
+    stdout, stderr = printed.getvalue(), capture.getvalue()
+    assert code == 1, stderr
+    assert len(planned) == 2 and 0 < planned[0] < planned[1], planned
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["small.png"]
+    refused = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(refused) == 1 and refused[0].startswith(
+        f"error: {folder / 'wide.png'}: the sampler for batch 1 at 64x96 px needs "), stderr
+    assert "GiB of device memory and" in refused[0] and "not run" in refused[0]
+    assert "tiling.latent_tile_size=" in refused[0] and "dtype=bfloat16" in refused[0]
+    assert "wrote 1 image(s)" in stdout and "1 failed" in stdout
 
 
 def test_mixed_sizes_compile_once_per_processed_size_and_oversized_inputs_are_refused(tiny, tmp_path):

@@ -32,9 +32,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         raise ValueError(f"train.py: unknown variant(s) {unknown}; valid: {VARIANTS}")
 
     config = config_dict.ConfigDict()
-    # Diffusers Stable Diffusion 1.5 folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/).
-    # Required. The frozen weights are checksummed and checked again on resume.
+    # Diffusers Stable Diffusion 1.5 folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), or
+    # the single original-layout file (v1-5-pruned-emaonly.safetensors, .ckpt: converted once into
+    # a cached folder; give pipeline.tokenizer_path, and base_model_config when its networks are
+    # not SD 1.5's shapes). Required. The frozen weights are checksummed and checked on resume.
     config.base_model = ""
+    config.base_model_config = ""  # a diffusers folder with unet/ vae/ text_encoder/ config.json files
     # "" : initialise XPSR from base_model by the official rules (XPSRUNet.from_sd_unet,
     # XPSRControlNet.from_unet). Otherwise a release folder (unet/ + controlnet/) or an orbax
     # inference checkpoint to fine-tune / continue from; the frozen VAE and text encoder still

@@ -36,6 +36,8 @@ from flax import nnx
 from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
 from xpsr_jax.models.dtypes import DTYPE_NAMES
 from xpsr_jax.models.loading import NETWORKS, STATE_DIR, load_xpsr
+from xpsr_jax.models.single_file import add_single_file_arguments, is_single_file, sd15_folder
+from xpsr_jax.weights.files import WeightFileError
 from xpsr_jax.weights.formats import (
     MANIFEST,
     ORBAX_INFERENCE,
@@ -55,14 +57,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="an official-layout release folder (unet/, controlnet/)")
     parser.add_argument("--sd15", default=None,
                         help="SD 1.5 folder: copy its vae/, text_encoder/, tokenizer/, scheduler/ into OUT "
-                             "so the checkpoint is self-contained for inference")
+                             "so the checkpoint is self-contained for inference (or the single original-layout "
+                             ".safetensors / .ckpt file, converted first)")
+    add_single_file_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_inference_checkpoint(args.weights, args.out, sd15=args.sd15, dtype=args.dtype,
+    sd15 = args.sd15
+    if sd15 is not None and is_single_file(sd15):
+        try:
+            sd15 = sd15_folder(sd15, tokenizer=args.tokenizer, config_folder=args.sd15_config)
+        except WeightFileError as error:
+            raise ExportError(str(error)) from None
+    out = export_inference_checkpoint(args.weights, args.out, sd15=sd15, dtype=args.dtype,
                                       overwrite=args.overwrite)
     print(f"wrote the orbax inference checkpoint {out}")
     return 0

@@ -43,6 +43,7 @@ from xpsr_jax.inference.config import default_infer_config, validate_infer_confi
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline, resolve_sd15
 from xpsr_jax.inference.sampling import PromptEmbeds, guided_noise, sample
 from xpsr_jax.models import tokenize
+from xpsr_jax.models.single_file import add_single_file_arguments
 from xpsr_jax.weights.artifact import METADATA
 from xpsr_jax.weights.formats import MANIFEST, STABLEHLO
 
@@ -61,8 +62,9 @@ DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/c
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="XPSR release folder (unet/, controlnet/) or an "
                         "orbax inference checkpoint (python -m xpsr_jax.export orbax)")
-    parser.add_argument("--sd15", help="SD 1.5 folder (vae/, text_encoder/, tokenizer/, scheduler/); "
-                        "default: --weights when it has them")
+    parser.add_argument("--sd15", help="SD 1.5 folder (vae/, text_encoder/, tokenizer/, scheduler/), or the single "
+                        "original-layout file (.safetensors / .ckpt); default: --weights when it has them")
+    add_single_file_arguments(parser)
     parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE.py[:VARIANT]",
                         help="inference config (default: configs/infer.py); --config.KEY=VALUE overrides one "
                              "value, as for infer.py; the recipe is fixed into the artifact")
@@ -115,7 +117,8 @@ def run(args) -> int:
                                        default=DEFAULT_CONFIG, prog="python -m xpsr_jax.export stablehlo")
     except ConfigFlagError as error:
         raise ExportError(str(error)) from error
-    out = export_stablehlo(args.weights, args.out, sd15=args.sd15, config=config, weights_mode=args.weights_mode,
+    out = export_stablehlo(args.weights, args.out, sd15=args.sd15, tokenizer=args.tokenizer,
+                           sd15_config=args.sd15_config, config=config, weights_mode=args.weights_mode,
                            sizes=[parse_size(s) for s in args.size], batch_sizes=parse_batch_sizes(args.batch_sizes),
                            platforms=[p for p in args.platforms.split(",") if p], overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -290,6 +293,7 @@ def _file_name(name: str, size, batch) -> str:
 
 
 def export_stablehlo(weights: str | os.PathLike, out: str | os.PathLike, *, sd15: str | os.PathLike | None = None,
+                     tokenizer: str | os.PathLike | None = None, sd15_config: str | os.PathLike | None = None,
                      config=None, weights_mode: str = "argument", sizes: list[tuple[int, int]] | None = None,
                      batch_sizes: list[int] | None = None, platforms: list[str] | None = None,
                      overwrite: bool = False) -> Path:
@@ -302,7 +306,7 @@ def export_stablehlo(weights: str | os.PathLike, out: str | os.PathLike, *, sd15
     except ValueError as error:
         raise ExportError(str(error)) from error
     try:
-        base = resolve_sd15(Path(weights), sd15)
+        base = resolve_sd15(Path(weights), sd15, tokenizer=tokenizer, sd15_config=sd15_config)
     except (WeightsFolderError, FileNotFoundError) as error:
         raise ExportError(str(error)) from error
     _check_options(Path(out), weights_mode, sizes, overwrite, inputs=(weights, base))  # before the slow load

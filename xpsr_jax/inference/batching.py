@@ -10,11 +10,12 @@ can write and report progress as it goes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
+from xpsr_jax.inference.memory import DeviceMemoryError
 from xpsr_jax.inference.preprocess import preprocess_lr, resize_output
 from xpsr_jax.inference.sampling import SamplingNoise
 
@@ -48,9 +49,13 @@ def _stacked_noise(parts: Sequence[SamplingNoise]) -> SamplingNoise:
 
 def super_resolve_iter(runner: Runner, lr_images: Sequence[np.ndarray], highlevel_prompts: Sequence[str],
                        lowlevel_prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
-                       noise: Sequence[SamplingNoise] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                       noise: Sequence[SamplingNoise] | None = None,
+                       on_too_large: Callable[[list[int], DeviceMemoryError], None] | None = None,
+                       ) -> Iterator[tuple[int, np.ndarray]]:
     """(input index, SR image) for every LR image (uint8 (H, W, 3)), a batch at a time. `seeds`:
-    one per image (default config.seed); `noise`: one single-image SamplingNoise per image."""
+    one per image (default config.seed); `noise`: one single-image SamplingNoise per image.
+    `on_too_large(indices, error)`, when given, takes a batch that would not fit in device memory
+    (refused before it runs) and the other sizes go on; without it the error propagates."""
     lr_images = list(lr_images)
     count = len(lr_images)
     if not (len(highlevel_prompts) == len(lowlevel_prompts) == count):
@@ -62,10 +67,16 @@ def super_resolve_iter(runner: Runner, lr_images: Sequence[np.ndarray], highleve
     config = runner.config
     conditioning = [preprocess_lr(image, config.process_size, upscale=config.upscale) for image in lr_images]
     for chunk in batches_by_size([c.shape for c in conditioning], runner.batch_size):
-        images = runner.sample_batch(np.stack([conditioning[i] for i in chunk]),
-                                     [highlevel_prompts[i] for i in chunk], [lowlevel_prompts[i] for i in chunk],
-                                     [seeds[i] for i in chunk],
-                                     None if noise is None else _stacked_noise([noise[i] for i in chunk]))
+        try:
+            images = runner.sample_batch(np.stack([conditioning[i] for i in chunk]),
+                                         [highlevel_prompts[i] for i in chunk], [lowlevel_prompts[i] for i in chunk],
+                                         [seeds[i] for i in chunk],
+                                         None if noise is None else _stacked_noise([noise[i] for i in chunk]))
+        except DeviceMemoryError as error:
+            if on_too_large is None:
+                raise
+            on_too_large(chunk, error)
+            continue
         for index, image in zip(chunk, images):
             yield index, resize_output(image, lr_images[index].shape, upscale=config.upscale)
 

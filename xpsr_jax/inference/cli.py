@@ -58,6 +58,7 @@ from xpsr_jax.inference.prompts import (
     PromptSource,
     is_official_layout,
 )
+from xpsr_jax.models.single_file import add_single_file_arguments
 from xpsr_jax.weights.artifact import ArtifactInputError, load_artifact
 
 DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/configs/infer.py)
@@ -85,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "inference checkpoint (python -m xpsr_jax.export orbax), or a StableHLO artifact "
                         "(python -m xpsr_jax.export stablehlo: used where it covers the recipe and the "
                         "images' processed sizes; without --config its own recipe is used)")
-    parser.add_argument("--sd15", help="SD 1.5 folder (vae/, text_encoder/, tokenizer/, scheduler/); "
+    parser.add_argument("--sd15", help="SD 1.5 folder (vae/, text_encoder/, tokenizer/, scheduler/), or the single "
+                        "original-layout file (v1-5-pruned-emaonly.safetensors, .ckpt; converted once, cached); "
                         "default: --weights when it has them (not needed with a StableHLO artifact)")
+    add_single_file_arguments(parser)
     parser.add_argument("--captions", help="captions JSONL of xpsr_jax.captions, keyed by file stem")
     parser.add_argument("--caption-source", default="lr", choices=("lr", "hr"),
                         help="which image's captions to read from --captions (default: lr)")
@@ -230,13 +233,23 @@ def run(args, config, artifact=None) -> int:
     if todo:
         check_output_folder(targets[todo[0].path].parent, first_output_bytes(todo, config))  # before the load
         pipe = ArtifactRunner(artifact, config) if artifact is not None else \
-            XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config)
+            XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config, tokenizer=args.tokenizer,
+                                         sd15_config=args.sd15_config)
         progress = tqdm(total=len(todo), unit="img", desc="super-resolving", disable=jax.process_index() != 0)
         pipe.on_compile = (lambda line: progress.write(line, file=sys.stdout)) if jax.process_index() == 0 else None
         start = time.perf_counter()
+
+        def too_large(indices, error):
+            for index in indices:
+                message = f"{todo[index].path}: {error}"
+                progress.write(f"error: {message}", file=sys.stderr)
+                failures.append((todo[index].path, message))
+            progress.update(len(indices))
+
         try:
             for index, image in super_resolve_iter(pipe, [job.image for job in todo],
-                                                   [job.highlevel for job in todo], [job.lowlevel for job in todo]):
+                                                   [job.highlevel for job in todo], [job.lowlevel for job in todo],
+                                                   on_too_large=too_large):
                 try:
                     write_png_atomic(todo[index].target, image)
                 except OSError as error:  # disk full, folder removed, ...: stop; a rerun resumes
@@ -247,7 +260,7 @@ def run(args, config, artifact=None) -> int:
                 progress.update(1)
                 # The rate leaves the compiles out: the first image is not 50 s/img.
                 sampling = time.perf_counter() - start - getattr(pipe, "compile_seconds", 0.0)
-                progress.set_postfix(img_per_s=f"{progress.n / max(sampling, 1e-9):.2f}")
+                progress.set_postfix(img_per_s=f"{written / max(sampling, 1e-9):.2f}")
         finally:
             progress.close()
     where = output if len(targets) != 1 or output.suffix.lower() != ".png" else output.parent

@@ -32,6 +32,7 @@ from ml_collections import config_dict
 from xpsr_jax.compile_cache import watch_compile
 from xpsr_jax.inference.batching import super_resolve
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
+from xpsr_jax.inference.memory import check_fits, device_free_bytes, program_bytes
 from xpsr_jax.inference.sampling import (
     PromptEmbeds,
     SampleOutput,
@@ -47,6 +48,7 @@ from xpsr_jax.models import (
     load_xpsr_networks,
     tokenize,
 )
+from xpsr_jax.models.single_file import is_single_file, sd15_folder
 from xpsr_jax.schedulers import (
     load_scheduler_config,
     make_sampler,
@@ -59,14 +61,21 @@ class WeightsFolderError(FileNotFoundError):
     """A weights or base-model folder that is not what the pipeline needs (the message says why)."""
 
 
-def resolve_sd15(weights: Path, sd15: str | os.PathLike | None) -> Path:
-    """The SD 1.5 base folder: `sd15`, else `weights` when it has every base subfolder."""
+def resolve_sd15(weights: Path, sd15: str | os.PathLike | None, *, tokenizer: str | os.PathLike | None = None,
+                 sd15_config: str | os.PathLike | None = None) -> Path:
+    """The SD 1.5 base folder: `sd15`, else `weights` when it has every base subfolder. `sd15` may
+    be a single original-layout checkpoint (`.safetensors` / `.ckpt`), converted once into a
+    cached diffusers folder; `tokenizer` and `sd15_config` supply what the file lacks (see
+    `xpsr_jax.models.single_file`)."""
+    if sd15 is not None and is_single_file(sd15):
+        return sd15_folder(sd15, tokenizer=tokenizer, config_folder=sd15_config)
     base = Path(sd15) if sd15 is not None else weights
     missing = [part for part in SD15_INFERENCE_PARTS if not (base / part).is_dir()]
     if missing:
         hint = "" if sd15 is not None else " (give the SD 1.5 folder: --sd15 on the command line, sd15= in Python)"
         raise WeightsFolderError(f"{base}: missing SD 1.5 subfolder(s) {missing}; the pipeline needs "
-                                 f"{list(SD15_INFERENCE_PARTS)}{hint}")
+                                 f"{list(SD15_INFERENCE_PARTS)} (or give --sd15 the single-file checkpoint "
+                                 f"v1-5-pruned-emaonly.safetensors){hint}")
     return base
 
 
@@ -123,7 +132,7 @@ class XPSRPipeline:
             scaling_factor=float(vae.config.scaling_factor), tiling=bool(tiling.enabled),
             latent_tile_size=tiling.latent_tile_size, latent_tile_overlap=tiling.latent_tile_overlap,
             tile_batch_size=tiling.tile_batch_size, vae_encoder_tile_size=tiling.vae_encoder_tile_size,
-            vae_decoder_tile_size=tiling.vae_decoder_tile_size)
+            vae_decoder_tile_size=tiling.vae_decoder_tile_size, vae_streaming=tiling.get("vae_streaming", True))
         self._compiled: OrderedDict = OrderedDict()  # (shape, injected, with_steps) -> jit / compiled
         # Called with one line before and after each sampler compile (infer.py prints them).
         self.on_compile = None
@@ -133,13 +142,15 @@ class XPSRPipeline:
 
     @classmethod
     def from_pretrained(cls, weights: str | os.PathLike, sd15: str | os.PathLike | None = None,
-                        config: config_dict.ConfigDict | None = None, **kwargs) -> "XPSRPipeline":
+                        config: config_dict.ConfigDict | None = None, *, tokenizer: str | os.PathLike | None = None,
+                        sd15_config: str | os.PathLike | None = None, **kwargs) -> "XPSRPipeline":
         """`weights`: an official-layout release (unet/, controlnet/) or an orbax inference
         checkpoint (python -m xpsr_jax.export orbax); `sd15`: the base folder with
-        vae/, text_encoder/, tokenizer/, scheduler/ (default: `weights`, when it has them)."""
+        vae/, text_encoder/, tokenizer/, scheduler/ (default: `weights`, when it has them), or the
+        single-file checkpoint with `tokenizer` (and `sd15_config`; see `resolve_sd15`)."""
         config = _as_config(config)
         weights = Path(weights)
-        base = resolve_sd15(weights, sd15)
+        base = resolve_sd15(weights, sd15, tokenizer=tokenizer, sd15_config=sd15_config)
         model_kwargs = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         unet, controlnet = load_sampling_networks(weights, attention_backend=config.attention_backend,
                                                   **model_kwargs)
@@ -275,7 +286,24 @@ class XPSRPipeline:
         if self.on_compile is not None:
             self.on_compile(f"compiled {what} in {seconds:.1f} s (tracing and lowering {lowered_at - start:.1f} s, "
                             f"XLA {seconds - (lowered_at - start):.1f} s, {record.describe()})")
+        self.check_memory(compiled, what)
         return compiled
+
+    def check_memory(self, compiled, what: str) -> None:
+        """DeviceMemoryError (before anything runs) when XLA's plan for `compiled` needs more than
+        the first device has free, with the settings that would shrink it."""
+        config, tiling = self.config, self.config.tiling
+        if not tiling.enabled:
+            advice = "Set tiling.enabled=True"
+        else:
+            advice = (f"Lower batch_size (now {config.batch_size}) or the tiles (now tiling.latent_tile_size="
+                      f"{tiling.latent_tile_size}, tiling.tile_batch_size={tiling.tile_batch_size}, "
+                      f"tiling.vae_decoder_tile_size={tiling.vae_decoder_tile_size})")
+            if not tiling.get("vae_streaming", True):
+                advice += ", or set tiling.vae_streaming=True"
+        if config.dtype == "float32":
+            advice += "; dtype=bfloat16 halves the activations"
+        check_fits(program_bytes(compiled), device_free_bytes(self.mesh.devices.flat[0]), what, advice)
 
     def sample(self, conditioning_uint8, prompt_embeds: PromptEmbeds, *, seeds: Sequence[int] | None = None,
                noise: SamplingNoise | None = None) -> SampleOutput:

@@ -31,10 +31,12 @@ from xpsr_jax.inference.tiling import (
     VAE_ENCODER_PAD,
     latent_tiling_applies,
     run_tiled,
+    run_tiled_streaming,
     tiled_model_call,
     vae_tiles,
     with_tile_synced_group_norm,
 )
+from xpsr_jax.models.vae import DiagonalGaussian
 from xpsr_jax.schedulers import NoiseSchedule, Sampler, add_noise
 
 
@@ -89,6 +91,7 @@ class SamplingPlan:
     tile_batch_size: int
     vae_encoder_tile_size: int
     vae_decoder_tile_size: int
+    vae_streaming: bool = True  # VAE tiles one at a time (run_tiled_streaming), else all at once
 
     @property
     def classifier_free_guidance(self) -> bool:
@@ -135,6 +138,11 @@ def _vae_encode_moments(networks: Networks, plan: SamplingPlan, vae_state, image
     if tiles is None:
         posterior = nnx.merge(networks.vae, vae_state).encode(image)
         return posterior.mean, posterior.std
+    if plan.vae_streaming:
+        vae = nnx.merge(networks.vae, vae_state)
+        moments = run_tiled_streaming(vae, lambda m: m.encode_stages(), image.astype(vae.dtype), tiles, 1 / 8)
+        posterior = DiagonalGaussian.from_moments(moments)
+        return posterior.mean, posterior.std
     vae = nnx.merge(networks.vae_tiled, vae_state)
 
     def encode(window):
@@ -150,6 +158,9 @@ def _vae_decode(networks: Networks, plan: SamplingPlan, vae_state, latents: jax.
         if plan.tiling else None
     if tiles is None:
         return nnx.merge(networks.vae, vae_state).decode(latents)
+    if plan.vae_streaming:
+        vae = nnx.merge(networks.vae, vae_state)
+        return run_tiled_streaming(vae, lambda m: m.decode_stages(), latents.astype(vae.dtype), tiles, 8)
     return run_tiled(nnx.merge(networks.vae_tiled, vae_state).decode, latents, tiles, 8)
 
 

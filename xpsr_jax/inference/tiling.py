@@ -7,10 +7,12 @@ its x midpoint is (w - 1) / 2 and its y midpoint h / 2, kept as written).
 
 The tiled VAE follows the release's `vaehook` (its default, non-"fast" mode): the image is cut
 into tiles padded by 32 px (encoder) / 11 latent px (decoder), every GroupNorm uses statistics
-pooled over all tiles, attention runs per tile, and each tile's valid region is written back.
-Here all tiles of a batch run as one vmapped computation whose GroupNorms share statistics with
-`lax.pmean` over the tile axis, so the result does not depend on the tile grid except through
-the per-tile attention and padding.
+pooled over all tiles, attention runs per tile, and each tile's valid region is written back, so
+the result does not depend on the tile grid except through the per-tile attention and padding.
+Two ways to run it, with the same numbers: `run_tiled_streaming` (the default) keeps one tile's
+activations in memory and recomputes a pass per GroupNorm; `run_tiled` runs all tiles of a batch
+as one vmapped computation whose GroupNorms share statistics with `lax.pmean` over the tile axis
+(faster, memory proportional to the image).
 """
 
 from __future__ import annotations
@@ -176,35 +178,149 @@ def with_tile_synced_group_norm(module: nnx.Module) -> nnx.Module:
     return synced
 
 
+class _TileGeometry(NamedTuple):
+    window_shape: tuple[int, int]  # input window (height, width), equal for every tile
+    starts: np.ndarray  # (T, 2) input window (y, x)
+    placement: np.ndarray  # (T, 6): output window (y, x) and its valid rows/columns [y0, y1) x [x0, x1)
+
+
+def _tile_geometry(tiles: list[VAETile], scale: float) -> _TileGeometry:
+    placement = []
+    for t in tiles:
+        vy0, vy1, vx0, vx1 = (int(v * scale) for v in t.valid)
+        wy, wx = int(t.window[0] * scale), int(t.window[2] * scale)
+        placement.append((wy, wx, vy0 - wy, vy1 - wy, vx0 - wx, vx1 - wx))
+    window = (tiles[0].window[1] - tiles[0].window[0], tiles[0].window[3] - tiles[0].window[2])
+    return _TileGeometry(window, np.asarray([(t.window[0], t.window[2]) for t in tiles], np.int32),
+                         np.asarray(placement, np.int32))
+
+
+def _cut_window(array: jax.Array, geometry: _TileGeometry, index) -> jax.Array:
+    start = jnp.asarray(geometry.starts)[index]
+    return jax.lax.dynamic_slice(array, (0, start[0], start[1], 0),
+                                 (array.shape[0], *geometry.window_shape, array.shape[-1]))
+
+
+def _write_valid(result: jax.Array, tile_output: jax.Array, geometry: _TileGeometry, index) -> jax.Array:
+    """`result` with tile `index`'s valid region taken from its output window `tile_output`."""
+    wy, wx, y0, y1, x0, x1 = (jnp.asarray(geometry.placement)[index, k] for k in range(6))
+    out_h, out_w = tile_output.shape[1:3]
+    rows, cols = jnp.arange(out_h)[:, None], jnp.arange(out_w)[None, :]
+    start = (0, wy, wx, 0)
+    current = jax.lax.dynamic_slice(result, start, tile_output.shape)
+    valid = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
+    return jax.lax.dynamic_update_slice(result, jnp.where(valid, tile_output, current), start)
+
+
 def run_tiled(fn, array: jax.Array, tiles: list[VAETile], scale: float) -> jax.Array:
     """Apply `fn` (a tile-synced encoder or decoder) to every tile window of `array` (N, H, W, C)
     at once (vmapped over tiles) and assemble the valid regions; output = input size * `scale`.
 
     Windows are cut and valid regions written back in loops over the tile index (every window has
     the same size; each output pixel lies in exactly one valid region), so the program does not
-    grow with the tile count."""
-    n, height, width, channels = array.shape
-    window_h, window_w = tiles[0].window[1] - tiles[0].window[0], tiles[0].window[3] - tiles[0].window[2]
-    starts = jnp.asarray([(t.window[0], t.window[2]) for t in tiles], jnp.int32)
-    windows = jax.vmap(lambda start: jax.lax.dynamic_slice(array, (0, start[0], start[1], 0),
-                                                           (n, window_h, window_w, channels)))(starts)
+    grow with the tile count. Memory holds every tile's activations at once: see
+    `run_tiled_streaming` for the bounded-memory version."""
+    n, height, width, _ = array.shape
+    geometry = _tile_geometry(tiles, scale)
+    windows = jax.vmap(lambda index: _cut_window(array, geometry, index))(jnp.arange(len(tiles)))
     outputs = jax.vmap(fn, axis_name=VAE_TILE_AXIS)(windows)
-    out_h, out_w = outputs.shape[2:4]
-    # Per tile: where its output window goes, and its valid region inside that window.
-    placement = []
-    for t in tiles:
-        vy0, vy1, vx0, vx1 = (int(v * scale) for v in t.valid)
-        wy, wx = int(t.window[0] * scale), int(t.window[2] * scale)
-        placement.append((wy, wx, vy0 - wy, vy1 - wy, vx0 - wx, vx1 - wx))
-    placement = jnp.asarray(placement, jnp.int32)
-    rows, cols = jnp.arange(out_h)[:, None], jnp.arange(out_w)[None, :]
-
-    def write(index, result):
-        wy, wx, y0, y1, x0, x1 = (placement[index, k] for k in range(6))
-        start = (0, wy, wx, 0)
-        current = jax.lax.dynamic_slice(result, start, (n, out_h, out_w, outputs.shape[-1]))
-        valid = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
-        return jax.lax.dynamic_update_slice(result, jnp.where(valid, outputs[index], current), start)
-
     result = jnp.zeros((n, int(height * scale), int(width * scale), outputs.shape[-1]), outputs.dtype)
-    return jax.lax.fori_loop(0, len(tiles), write, result)
+    return jax.lax.fori_loop(0, len(tiles), lambda i, r: _write_valid(r, outputs[i], geometry, i), result)
+
+
+class _StreamedStatistics:
+    """The `statistics_source` of every GroupNorm during `run_tiled_streaming`'s trace.
+
+    Pass `p` normalises GroupNorm i < p with its pooled statistics from `table` (the earlier
+    passes' results) and the rest with the tile's own; every call records the tile's own
+    (mean, var), which the stage that ran it returns, so pass p can pool GroupNorm p's.
+    """
+
+    def __init__(self, norms):
+        self.index = {id(norm): i for i, norm in enumerate(norms)}
+        self.table = self.pass_index = None
+        self.recorded: list[jax.Array] = []
+
+    def __call__(self, norm, mean, var):
+        i = self.index[id(norm)]
+        self.recorded.append(jnp.stack([mean, var]))
+        pooled = i < self.pass_index
+        return jnp.where(pooled, self.table[i, 0], mean), jnp.where(pooled, self.table[i, 1], var)
+
+
+def run_tiled_streaming(module: nnx.Module, stages_of, array: jax.Array, tiles: list[VAETile],
+                        scale: float) -> jax.Array:
+    """The tiled VAE in O(tile) memory: the stages `stages_of(module)` lists (e.g. a VAE and
+    `AutoencoderKL.decode_stages`) run on one tile window of `array` (N, H, W, C) at a time;
+    output = input size * `scale`.
+
+    GroupNorm statistics are pooled over all tiles as in `run_tiled` (tile means averaged, the
+    variance by the parallel-variance formula: the same numbers, no tile kept). Since GroupNorm k's
+    statistics depend on every earlier one's, pass k (of K + 1) loops over the tiles running the
+    stages up to GroupNorm k (later stages are skipped by `lax.cond`) and pools its statistics; the
+    last pass runs every stage and writes each tile's valid region. Memory: one tile's activations,
+    the input and the output; compute: about K/2 forward passes in total (the price of exact
+    statistics without storing O(image) activations; `run_tiled` is faster where memory allows).
+    One traced forward serves every pass, so the program does not grow with K or the tile count.
+    """
+    n, height, width, _ = array.shape
+    stages = stages_of(nnx.clone(module))  # a copy made in this trace: its GroupNorms take the source
+    norms = [norm for stage in stages for norm in stage.norms]
+    if not norms:
+        raise ValueError("run_tiled_streaming: the stages apply no GroupNorm; tile them with run_tiled")
+    first_norm, count = [], 0  # per stage: the index of its first GroupNorm (or of the next one)
+    for stage in stages:
+        first_norm.append(count)
+        count += len(stage.norms)
+    source = _StreamedStatistics(norms)
+    geometry = _tile_geometry(tiles, scale)
+    window = jax.ShapeDtypeStruct((n, *geometry.window_shape, array.shape[-1]), array.dtype)
+
+    def stage_fn(stage):
+        def run(x):
+            source.recorded = []
+            y = stage.fn(x)
+            return y, jnp.stack(source.recorded) if stage.norms else None
+        return run
+
+    def forward(x, table, pass_index):
+        source.table, source.pass_index = table, pass_index
+        statistics = None
+        for stage, first in zip(stages, first_norm):
+            run = stage_fn(stage)
+            if first == 0:  # needed by every pass
+                x, recorded = run(x)
+            else:
+                skipped = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, x))
+                x, recorded = jax.lax.cond(first <= pass_index, run, lambda _: skipped, x)
+            if recorded is not None:
+                own = recorded[jnp.clip(pass_index - first, 0, len(stage.norms) - 1)]
+                statistics = own if statistics is None else jnp.where(
+                    (pass_index >= first) & (pass_index < first + len(stage.norms)), own, statistics)
+        return x, statistics
+
+    for norm in norms:
+        norm.statistics_source = source
+    out_shape, stats_shape = jax.eval_shape(lambda w: forward(w, jnp.zeros((len(norms) + 1, 2, n, 1, 1, 1)),
+                                                               jnp.int32(0)), window)
+    table = jnp.zeros((len(norms) + 1,) + stats_shape.shape, jnp.float32)  # row K: the last pass's, unused
+    result = jnp.zeros((n, int(height * scale), int(width * scale), out_shape.shape[-1]), out_shape.dtype)
+
+    def one_pass(pass_index, carry):
+        table, result = carry
+
+        def one_tile(index, carry):
+            tile_statistics, result = carry
+            out, statistics = forward(_cut_window(array, geometry, index), table, pass_index)
+            # Every pass writes; the last pass's values are the ones that remain.
+            return tile_statistics.at[index].set(statistics), _write_valid(result, out, geometry, index)
+
+        tile_statistics = jnp.zeros((len(tiles),) + stats_shape.shape, jnp.float32)
+        tile_statistics, result = jax.lax.fori_loop(0, len(tiles), one_tile, (tile_statistics, result))
+        means, variances = tile_statistics[:, 0], tile_statistics[:, 1]
+        mean = means.mean(axis=0)
+        variance = (variances + jnp.square(means - mean)).mean(axis=0)  # equal-size windows
+        return table.at[pass_index].set(jnp.stack([mean, variance])), result
+
+    _, result = jax.lax.fori_loop(0, len(norms) + 1, one_pass, (table, result))
+    return result

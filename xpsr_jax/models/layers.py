@@ -83,11 +83,15 @@ class GroupNorm(nnx.Module):
     """torch.nn.GroupNorm over the channel (last) axis of NHWC / NLC input.
 
     Statistics are always computed in float32 (two-pass variance), as PyTorch autocast does,
-    so bf16 compute does not lose the normalisation. With `stats_axis_name` set (the tiled VAE
-    sets it on a copy), the statistics are pooled over that vmapped axis with `lax.pmean`.
+    so bf16 compute does not lose the normalisation. Two ways to take the statistics over more
+    than the input, both for the tiled VAE: with `stats_axis_name` set (on a copy) they are pooled
+    over that vmapped axis with `lax.pmean`; with `statistics_source` set, it is called as
+    `source(norm, mean, var) -> (mean, var)` with this input's own (N, 1, groups, 1) statistics
+    and returns the ones to normalise with (the streaming tiled VAE's pooled values).
     """
 
     stats_axis_name: str | None = None
+    statistics_source: Any = None
 
     def __init__(self, num_groups: int, num_channels: int, *, epsilon: float, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
@@ -109,6 +113,8 @@ class GroupNorm(nnx.Module):
         var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
         if self.stats_axis_name is not None:
             var = jax.lax.pmean(var, self.stats_axis_name)
+        if self.statistics_source is not None:
+            mean, var = self.statistics_source(self, mean, var)
         normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
         out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return out.astype(self.dtype)

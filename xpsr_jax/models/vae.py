@@ -22,7 +22,7 @@ from flax import nnx, struct
 from xpsr_jax.models.attention import validate_backend
 from xpsr_jax.models.layers import conv2d
 from xpsr_jax.models.model_config import ModelConfig
-from xpsr_jax.models.vae_blocks import Decoder, Encoder
+from xpsr_jax.models.vae_blocks import Decoder, Encoder, Stage, run_stages
 from xpsr_jax.weights import PretrainedMixin
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers clamps the log-variance to this range
@@ -169,23 +169,27 @@ class AutoencoderKL(nnx.Module, PretrainedMixin):
             raise ValueError(f"AutoencoderKL: {what} must be NHWC (batch, height, width, {channels}); "
                              f"got shape {tuple(array.shape)}")
 
+    def encode_stages(self) -> list[Stage]:
+        """Image (in `dtype`) -> moments (B, H/f, W/f, 2 * latent_channels), stage by stage."""
+        quant = [Stage(self.quant_conv, ())] if self.quant_conv is not None else []
+        return self.encoder.stages() + quant
+
+    def decode_stages(self) -> list[Stage]:
+        """Unscaled latents (in `dtype`) -> image, stage by stage."""
+        post_quant = [Stage(self.post_quant_conv, ())] if self.post_quant_conv is not None else []
+        return post_quant + self.decoder.stages()
+
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """`encode(x: (B, H, W, in_channels) in [-1, 1]) -> DiagonalGaussian` over
         (B, H/f, W/f, latent_channels), f = `config.downsample_factor` (each stride-2 stage floors
         odd sizes, as diffusers). The latents are unscaled."""
         self._check_input(x, self.config.in_channels, "encode input")
-        moments = self.encoder(x.astype(self.dtype))
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments)
+        return DiagonalGaussian.from_moments(run_stages(self.encode_stages(), x.astype(self.dtype)))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """`decode(z: (B, h, w, latent_channels), unscaled) -> image (B, h*f, w*f, out_channels)`."""
         self._check_input(z, self.config.latent_channels, "decode input")
-        z = z.astype(self.dtype)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return run_stages(self.decode_stages(), z.astype(self.dtype))
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """Reconstruct `x`: decode a posterior sample when `rng` is given, else the mean (the mode)."""

@@ -3,12 +3,16 @@
 Attribute names equal diffusers' submodule names, so state-dict keys map 1:1
 ("encoder.down_blocks.0.resnets.1.conv2.weight", "decoder.mid_block.attentions.0.to_q.bias", ...).
 Every GroupNorm of the VAE uses eps 1e-6 and the activation is SiLU.
+
+Encoder and Decoder run as a list of `Stage`s (one resnet, attention, resampler or the output
+head each); the forward pass folds over it, and the streaming tiled VAE
+(`xpsr_jax.inference.tiling`) runs the same list one stage at a time.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,26 @@ from xpsr_jax.models.layers import GroupNorm, Identity, conv2d, tokens
 from xpsr_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 VAE_NORM_EPS = 1e-6
+
+
+class Stage(NamedTuple):
+    """One step of a VAE forward pass and the GroupNorms it applies, in call order."""
+
+    fn: Callable[[jax.Array], jax.Array]
+    norms: tuple[GroupNorm, ...]
+
+
+def module_stage(module: nnx.Module) -> Stage:
+    """A resnet, attention or resampler as a stage; its GroupNorms in call order (norm1 before norm2)."""
+    norms = sorted(((path, m) for path, m in nnx.iter_modules(module) if isinstance(m, GroupNorm)),
+                   key=lambda item: item[0])
+    return Stage(module, tuple(m for _, m in norms))
+
+
+def run_stages(stages: list[Stage], x: jax.Array) -> jax.Array:
+    for stage in stages:
+        x = stage.fn(x)
+    return x
 
 
 def _resnet(in_channels: int, out_channels: int, groups: int, **kwargs) -> ResnetBlock2D:
@@ -59,11 +83,14 @@ class UNetMidBlock2D(nnx.Module):
             if add_attention else Identity()
         ])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.resnets[0](x)
+    def stages(self) -> list[Stage]:
+        stages = [module_stage(self.resnets[0])]
         for attention, resnet in zip(self.attentions, self.resnets[1:]):
-            x = resnet(attention(x))
-        return x
+            stages += [module_stage(attention), module_stage(resnet)]
+        return stages
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return run_stages(self.stages(), x)
 
 
 class DownEncoderBlock2D(nnx.Module):
@@ -79,12 +106,11 @@ class DownEncoderBlock2D(nnx.Module):
             nnx.List([Downsample2D(out_channels, asymmetric_padding=True, **common)]) if add_downsample else None
         )
 
+    def stages(self) -> list[Stage]:
+        return [module_stage(m) for m in (*self.resnets, *(self.downsamplers or ()))]
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for downsampler in self.downsamplers or ():
-            x = downsampler(x)
-        return x
+        return run_stages(self.stages(), x)
 
 
 class UpDecoderBlock2D(nnx.Module):
@@ -98,12 +124,11 @@ class UpDecoderBlock2D(nnx.Module):
         ])
         self.upsamplers = nnx.List([Upsample2D(out_channels, **common)]) if add_upsample else None
 
+    def stages(self) -> list[Stage]:
+        return [module_stage(m) for m in (*self.resnets, *(self.upsamplers or ()))]
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for upsampler in self.upsamplers or ():
-            x = upsampler(x)
-        return x
+        return run_stages(self.stages(), x)
 
 
 class Encoder(nnx.Module):
@@ -130,12 +155,17 @@ class Encoder(nnx.Module):
                                        param_dtype=param_dtype)
         self.conv_out = conv(block_out_channels[-1], 2 * latent_channels, 3)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
+    def _head(self, x: jax.Array) -> jax.Array:
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+    def stages(self) -> list[Stage]:
+        stages = [Stage(self.conv_in, ())]
+        for block in self.down_blocks:
+            stages += block.stages()
+        return stages + self.mid_block.stages() + [Stage(self._head, (self.conv_norm_out,))]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return run_stages(self.stages(), x)
 
 
 class Decoder(nnx.Module):
@@ -164,8 +194,14 @@ class Decoder(nnx.Module):
                                        param_dtype=param_dtype)
         self.conv_out = conv(block_out_channels[0], out_channels, 3)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+    def _head(self, x: jax.Array) -> jax.Array:
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+    def stages(self) -> list[Stage]:
+        stages = [Stage(self.conv_in, ())] + self.mid_block.stages()
+        for block in self.up_blocks:
+            stages += block.stages()
+        return stages + [Stage(self._head, (self.conv_norm_out,))]
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return run_stages(self.stages(), z)

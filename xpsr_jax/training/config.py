@@ -16,8 +16,10 @@ from ml_collections import config_dict
 from xpsr_jax.data.pipeline import validate_pipeline_config
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
 from xpsr_jax.models.dtypes import DTYPE_NAMES
+from xpsr_jax.models.single_file import is_single_file, sd15_folder
 from xpsr_jax.training.models import REMAT_POLICIES
 from xpsr_jax.training.optimizer import validate_optimizer_config
+from xpsr_jax.weights.files import WeightFileError
 from xpsr_jax.weights.fingerprints import init_from_fingerprint, weights_fingerprint
 
 LOSS_SCALINGS = ("none", "dynamic")
@@ -66,8 +68,16 @@ def _bad(key: str, value: Any, valid: str) -> ConfigError:
 
 def resolve_train_config(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """A copy with the defaults that depend on other keys filled in
-    (pipeline.tokenizer_path "" -> base_model/tokenizer)."""
+    (pipeline.tokenizer_path "" -> base_model/tokenizer; a single-file base_model -> the diffusers
+    folder it is converted into, once, in the user cache)."""
     resolved = config_dict.ConfigDict(config.to_dict())
+    if resolved.base_model and is_single_file(resolved.base_model):
+        try:
+            resolved.base_model = str(sd15_folder(resolved.base_model,
+                                                  tokenizer=resolved.pipeline.tokenizer_path or None,
+                                                  config_folder=resolved.get("base_model_config") or None))
+        except WeightFileError as error:
+            raise ConfigError(f"train config: base_model={config.base_model!r}: {error}") from None
     if not resolved.pipeline.tokenizer_path and resolved.base_model:
         resolved.pipeline.tokenizer_path = str(Path(resolved.base_model) / "tokenizer")
     resolved.lock()
@@ -99,7 +109,8 @@ def check_base_model(path: str, key: str = "base_model") -> None:
         raise _bad(key, path, "a diffusers Stable Diffusion 1.5 folder "
                    f"({', '.join(BASE_MODEL_PARTS)})")
     if not folder.is_dir():
-        raise ConfigError(f"train config: {key}={path!r}: no such folder")
+        raise ConfigError(f"train config: {key}={path!r}: no such folder (a diffusers SD 1.5 folder, or the "
+                          "single-file checkpoint: .safetensors / .ckpt)")
     missing = [f"{part}/{name}" for part, name in BASE_MODEL_PARTS.items()
                if not (folder / part / name).is_file()]
     if missing:

@@ -94,7 +94,8 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a `.safetensors`, `.bin`, or sharded `*.index.json` file into name -> numpy array."""
+    """Read a `.safetensors`, `.bin` / `.ckpt` (PyTorch, tensors only), or sharded `*.index.json`
+    file into name -> numpy array."""
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: file not found")
@@ -109,9 +110,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return state
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    if path.suffix == ".bin":
+    if path.suffix in (".bin", ".ckpt"):  # PyTorch pickles, read with weights_only=True
         return _read_torch_bin(path)
-    raise WeightFileError(f"{path}: unknown weights format (expected .safetensors, .bin or *.index.json)")
+    raise WeightFileError(f"{path}: unknown weights format (expected .safetensors, .bin, .ckpt or *.index.json)")
 
 
 def write_state_dict(path: str | os.PathLike, state: dict[str, np.ndarray]) -> None:
