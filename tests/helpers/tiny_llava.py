@@ -131,3 +131,21 @@ def build_tiny_llava(folder: str | pathlib.Path) -> str:
 def tiny_llava_dir(tmp_path_factory) -> str:
     """Folder holding the tiny random LLaVA, built once per test session."""
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+def record_caption_inputs(monkeypatch) -> list:
+    """Every image handed to a captioning model from now on, as a numpy array, in order: the
+    pixels the processor gets (Captioner.caption passes them straight to it)."""
+    import numpy as np
+
+    from xpsr_jax.captions import generate
+
+    seen = []
+    original = generate.Captioner.caption
+
+    def caption(self, images, *args, **kwargs):
+        seen.extend(np.asarray(image) for image in images)
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(generate.Captioner, "caption", caption)
+    return seen

@@ -9,23 +9,29 @@ See ``build_parser`` (``--help``) for the options and examples.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import pathlib
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
 
 from ml_collections import config_dict
-from PIL import Image
 from tqdm import tqdm
 
 from xpsr_jax.captions import (
+    batches,
     generate,  # torch-free until a model is needed
     io,
+    transforms,
     work,
 )
-from xpsr_jax.captions.config import DTYPES, QUESTIONS, TASKS, get_config, question_for
+from xpsr_jax.captions.config import (
+    DTYPES,
+    QUESTION_PRESETS,
+    QUESTIONS,
+    SIMPLE_WORD_LIMIT,
+    TASKS,
+    get_config,
+    question_for,
+)
 from xpsr_jax.cli_config import ConfigFlagError, load_config_file
 
 EPILOG = """\
@@ -83,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{task}: {q!r}" for task, q in QUESTIONS.items()),
     )
     model.add_argument("--question", help="ask this instead of the task's official question")
+    model.add_argument("--question-preset", choices=QUESTION_PRESETS, default=defaults.question_preset,
+                       help=f"simple: ask for at most {SIMPLE_WORD_LIMIT} words naming objects (highlevel) or "
+                       f"distortions (lowlevel) and cut longer answers there (default: %(default)s)")
+    model.add_argument("--caption-transform", default=defaults.caption_transform, metavar="SPEC",
+                       help="transform the image the model sees (never the image file), comma-separated, in "
+                       f"order: {transforms.FORMS}; e.g. downscale:64,upscale:256 (recorded in each record)")
     model.add_argument(
         "--prompt-template",
         help="prompt with {question} (\\n is a newline) for model folders without a chat "
@@ -154,41 +166,9 @@ def check_numbers(config: config_dict.ConfigDict) -> None:
             raise io.CaptionInputError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     if config.max_images is not None and config.max_images < 1:
         raise io.CaptionInputError(f"--max-images must be >= 1, got {config.max_images}")
-
-
-def check_same_question(records: Iterable[dict], task: str, question: str, path) -> None:
-    """A file must not mix two questions for one task: resuming would skip the wrong ones."""
-    for record in records:
-        if record["task"] == task and record["question"] != question:
-            raise io.CaptionInputError(
-                f"{path} already holds {task} captions for the question {record['question']!r}, "
-                f"not {question!r}; use another --output or the same --question"
-            )
-
-
-def load_images(batch: list[work.WorkItem]) -> list[Image.Image]:
-    """Decoded RGB images of a batch; CaptionInputError names an unreadable file."""
-    images = []
-    for item in batch:
-        try:
-            with Image.open(item.path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise io.CaptionInputError(f"cannot read image {str(item.path)!r}: {error}") from None
-    return images
-
-
-def prefetched(batches: Iterable, load: Callable, pool: concurrent.futures.Executor) -> Iterator:
-    """Yields ``(batch, load(batch))``, loading the next batch while the caller works."""
-    queue = deque()
-    for batch in batches:
-        queue.append((batch, pool.submit(load, batch)))
-        if len(queue) > 1:
-            done_batch, future = queue.popleft()
-            yield done_batch, future.result()
-    while queue:
-        done_batch, future = queue.popleft()
-        yield done_batch, future.result()
+    if config.question_preset not in QUESTION_PRESETS:
+        raise io.CaptionInputError(f"--question-preset {config.question_preset!r} is not one of "
+                                   f"{', '.join(QUESTION_PRESETS)}")
 
 
 def _say(message: str) -> None:
@@ -203,12 +183,13 @@ def run(config: config_dict.ConfigDict) -> pathlib.Path:
     """
 
     check_numbers(config)
+    transform_spec = transforms.describe(transforms.parse_transforms(config.caption_transform))
     items = work.build_work_list({"lr": config.lr_dir, "hr": config.hr_dir})
     shard_items = work.select_shard(items, config.shard, config.num_shards)
     out = io.shard_output_path(config.output, config.shard, config.num_shards)
     question = question_for(config)
     existing = io.repair_partial_tail(out)
-    check_same_question(existing, config.task, question, out)
+    batches.check_same_question(existing, config.task, question, out, transform_spec)
     todo = work.pending(shard_items, config.task, {io.record_key(r) for r in existing})
     _say(
         f"shard {config.shard}/{config.num_shards}: {len(shard_items)} of {len(items)} images, "
@@ -219,37 +200,19 @@ def run(config: config_dict.ConfigDict) -> pathlib.Path:
     if not todo:
         return out
 
-    device = generate.resolve_device(config.device)
-    dtype = generate.resolve_dtype(config.dtype, device)
-    _say(f"loading {config.model} on {device} ({dtype})")
-    captioner = generate.Captioner.load(
-        config.model, question, device, dtype, config.prompt_template
-    )
+    settings = batches.CaptionSettings(
+        task=config.task, question=question, model_name=config.model, question_preset=config.question_preset,
+        caption_transform=transform_spec, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p,
+        prompt_template=config.prompt_template)
+    _say(f"loading {config.model}")
+    captioner = batches.load_captioner(config.model, question, settings, config.device, config.dtype)
     if config.do_sample:
         generate.import_torch().manual_seed(config.seed)
 
     start = time.perf_counter()
-    with (
-        io.CaptionWriter(out) as writer,
-        concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
-        tqdm(total=len(todo), unit="img", desc=f"{config.task} captions") as bar,
-    ):
-        for batch, images in prefetched(work.batched(todo, config.batch_size), load_images, pool):
-            texts = captioner.caption(
-                images, config.max_new_tokens, config.do_sample, config.temperature, config.top_p
-            )
-            writer.write(
-                {
-                    "image_id": item.image_id,
-                    "source": item.source,
-                    "task": config.task,
-                    "text": text,
-                    "model": config.model,
-                    "question": question,
-                }
-                for item, text in zip(batch, texts, strict=True)
-            )
-            bar.update(len(batch))
+    with io.CaptionWriter(out) as writer, tqdm(total=len(todo), unit="img", desc=f"{config.task} captions") as bar:
+        batches.caption_items(captioner, todo, settings, writer, bar)
     seconds = time.perf_counter() - start
     rate = len(todo) / seconds
     _say(f"wrote {len(todo)} captions to {out} in {seconds:.1f} s ({rate:.2f} img/s)")

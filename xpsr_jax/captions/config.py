@@ -17,6 +17,14 @@ QUESTIONS = {
     "lowlevel": "Describe and evaluate the quality of the image.",
 }
 TASKS = tuple(QUESTIONS)
+# The paper's "simple description" setting (supplement Table 3): a short answer naming objects or
+# distortions, at most SIMPLE_WORD_LIMIT words (enforced on the answer, not only asked for).
+SIMPLE_WORD_LIMIT = 20
+SIMPLE_QUESTIONS = {
+    "highlevel": f"Name the main objects in this image in at most {SIMPLE_WORD_LIMIT} words.",
+    "lowlevel": f"Name the distortions of this image in at most {SIMPLE_WORD_LIMIT} words.",
+}
+QUESTION_PRESETS = ("official", "simple")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -25,7 +33,10 @@ def get_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
     config.model = DEFAULT_MODEL
     config.task = "highlevel"
-    config.question = config_dict.placeholder(str)  # None: the task's official question
+    config.question = config_dict.placeholder(str)  # None: the task's question of question_preset
+    config.question_preset = "official"  # "simple": SIMPLE_QUESTIONS, answers cut to 20 words
+    # What the model sees, e.g. "downscale:64,upscale:256" (xpsr_jax.captions.transforms); "" = the image.
+    config.caption_transform = ""
     # Jinja-free fallback for processors without a chat template, e.g.
     # "USER: <image>\n{question} ASSISTANT:"; None: processor.apply_chat_template.
     config.prompt_template = config_dict.placeholder(str)
@@ -48,5 +59,17 @@ def get_config() -> config_dict.ConfigDict:
 
 
 def question_for(config: config_dict.ConfigDict) -> str:
-    """The explicit ``config.question``, else the official question of ``config.task``."""
-    return config.question if config.question else QUESTIONS[config.task]
+    """The explicit ``config.question``, else ``config.task``'s question of ``config.question_preset``."""
+    if config.question:
+        return config.question
+    return preset_question(config.question_preset, config.task)
+
+
+def preset_question(preset: str, task: str) -> str:
+    return (SIMPLE_QUESTIONS if preset == "simple" else QUESTIONS)[task]
+
+
+def limit_words(text: str, limit: int) -> str:
+    """`text` cut after its first `limit` whitespace-separated words."""
+    words = text.split()
+    return text if len(words) <= limit else " ".join(words[:limit])

@@ -14,7 +14,8 @@ from xpsr_jax.weights.artifact import ArtifactInputError
 from xpsr_jax.weights.formats import STABLEHLO, WeightsFormatError, read_manifest
 
 # Run-time settings: not part of an exported program (the seed enters as keys, batches are split).
-ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed", "apply_exif_orientation", "compile_cache", "max_output_pixels")
+ARTIFACT_RUNTIME_KEYS = ("batch_size", "seed", "apply_exif_orientation", "compile_cache", "max_output_pixels",
+                         "captioner")
 
 
 def stablehlo_artifact_path(weights: str) -> Path | None:
@@ -42,7 +43,7 @@ def artifact_config_differences(artifact, config) -> list[str]:
     exported, requested = _flat(artifact.config), _flat(config.to_dict())
     return [f"{key}: artifact {exported.get(key)!r}, requested {requested.get(key)!r}"
             for key in sorted(set(exported) | set(requested))
-            if key not in ARTIFACT_RUNTIME_KEYS and exported.get(key) != requested.get(key)]
+            if key.split(".")[0] not in ARTIFACT_RUNTIME_KEYS and exported.get(key) != requested.get(key)]
 
 
 def check_artifact_covers(artifact, config) -> None:

@@ -31,6 +31,7 @@ from ml_collections import config_dict
 from PIL import Image
 from tqdm import tqdm
 
+from xpsr_jax.captions.on_demand import caption_missing
 from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, report_error, split_config_args
 from xpsr_jax.compile_cache import DEFAULT as DEFAULT_CACHE
 from xpsr_jax.compile_cache import cache_dir, enable_compile_cache, user_cache_dir
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which image's captions to read from --captions (default: lr)")
     parser.add_argument("--highlevel-prompt", help="one high-level prompt (caption) for every image")
     parser.add_argument("--lowlevel-prompt", help="one low-level prompt (quality description) for every image")
+    parser.add_argument("--captioner", metavar="DIR", help="an image-text-to-text model folder (LLaVA-1.5 -hf): "
+                        "images without a prompt from the other sources get both prompts from it, appended to "
+                        "OUTPUT/captions.jsonl as they are made (a rerun reuses them); config captioner.*")
+    parser.add_argument("--lowlevel-captioner", metavar="DIR", help="a second model for the low-level prompts "
+                        "(e.g. Q-Instruct in the -hf format); default: --captioner answers both")
+    parser.add_argument("--caption-transform", metavar="SPEC", help="what the captioner sees (never the SR "
+                        "input), e.g. downscale:64,upscale:256 or gaussian_blur:2,jpeg:30")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
     parser.add_argument("--config", metavar="FILE.py[:VARIANT]",
                         help="inference config (default configs/infer.py; variants validation, tiny); "
@@ -202,6 +210,8 @@ def run(args, config, artifact=None) -> int:
     files = process_share(files, jax.process_index(), jax.process_count())
     prompts = PromptSource(official_root=official_root, captions=args.captions, highlevel=args.highlevel_prompt,
                            lowlevel=args.lowlevel_prompt, caption_source=args.caption_source)
+    if config.get("captioner") is not None and config.captioner.model:
+        caption_on_the_fly(files, targets, prompts, config, output, args.overwrite)
     failures: list[tuple[Path, str]] = []
     todo, skipped = [], 0
     redone = 0
@@ -268,6 +278,51 @@ def run(args, config, artifact=None) -> int:
           + (f"; {skipped} already there" if skipped else "")
           + (f"; {len(failures)} failed" if failures else ""), flush=True)
     return _summary(failures)
+
+
+def apply_captioner_flags(args, config) -> None:
+    for flag, key in (("captioner", "model"), ("lowlevel_captioner", "lowlevel_model"),
+                      ("caption_transform", "caption_transform")):
+        if getattr(args, flag) is not None:
+            config.captioner[key] = getattr(args, flag)
+    if config.captioner.lowlevel_model and not config.captioner.model:
+        raise ValueError("--lowlevel-captioner needs --captioner (the model for the high-level prompts)")
+
+
+def captions_path(output: Path, single_file: bool) -> Path:
+    """Where captions made on the fly go: OUTPUT/captions.jsonl (one file per process when several run)."""
+    folder = output.parent if single_file and output.suffix.lower() == ".png" else output
+    if jax.process_count() > 1:
+        return folder / f"captions.process-{jax.process_index()}-of-{jax.process_count()}.jsonl"
+    return folder / "captions.jsonl"
+
+
+def caption_on_the_fly(files, targets, prompts: PromptSource, config, output: Path, overwrite: bool) -> None:
+    """Captions from config.captioner's model(s) for every image still to do that no other source
+    has a prompt for; unreadable images are left to the main loop's per-file errors."""
+    wanted: dict[str, list[Path]] = {"highlevel": [], "lowlevel": []}
+    for path in files:
+        target = targets[path]
+        if target.exists() and not overwrite and is_finished_output(target):
+            continue
+        try:
+            load_lr(path, apply_exif_orientation=config.apply_exif_orientation)
+        except (InputImageError, OSError):
+            continue
+        for kind in prompts.missing_kinds(path):
+            wanted[kind].append(path)
+    if not any(wanted.values()):
+        return
+    captioner = config.captioner
+    path = captions_path(output, len(files) == 1)
+    result = caption_missing(
+        wanted, output=path, model=captioner.model, lowlevel_model=captioner.lowlevel_model,
+        caption_transform=captioner.caption_transform, question_preset=captioner.question_preset,
+        batch_size=captioner.batch_size, max_new_tokens=captioner.max_new_tokens, dtype=captioner.dtype,
+        device=captioner.device or None, log=lambda line: print(line, flush=True),
+        progress=lambda total, desc: tqdm(total=total, unit="img", desc=desc, disable=jax.process_index() != 0))
+    prompts.add_made_captions(result.captions)
+    print(f"captions: {result.made} made, {result.reused} reused ({path})", flush=True)
 
 
 def check_output_size(lr_shape: tuple[int, ...], processed_shape: tuple[int, ...], config) -> None:
@@ -344,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.sd15:
                 print(f"note: --sd15 is not used: the StableHLO artifact {args.weights} holds every network",
                       flush=True)
+        apply_captioner_flags(args, config)
         validate_infer_config(config)
         enable_compile_cache(cache_dir(config.get("compile_cache", DEFAULT_CACHE), user_cache_dir()))
         if artifact is not None:

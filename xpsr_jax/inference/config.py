@@ -6,6 +6,9 @@ import math
 
 from ml_collections import config_dict
 
+from xpsr_jax.captions.config import DTYPES as CAPTION_DTYPES
+from xpsr_jax.captions.config import QUESTION_PRESETS
+from xpsr_jax.captions.transforms import parse_transforms
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
 from xpsr_jax.models.dtypes import DTYPE_NAMES
 from xpsr_jax.schedulers import SAMPLERS
@@ -52,6 +55,18 @@ def default_infer_config() -> config_dict.ConfigDict:
     # still pooled over all tiles: a pass per GroupNorm, the VAE ~4x slower); False runs all tiles
     # at once (faster; memory grows with the image).
     config.tiling.vae_streaming = True
+    # Captions on the fly (infer.py --captioner): an image without a prompt from --captions, the
+    # official layout or the prompt flags gets both kinds from an MLLM (PyTorch, batched), saved to
+    # OUTPUT/captions.jsonl as they are made (a rerun reuses them); the MLLM is freed before sampling.
+    config.captioner = config_dict.ConfigDict()
+    config.captioner.model = ""  # an image-text-to-text model folder (LLaVA-1.5 -hf); "" = off
+    config.captioner.lowlevel_model = ""  # for the low-level prompts (Q-Instruct); "" = model answers both
+    config.captioner.caption_transform = ""  # what the MLLM sees, e.g. "downscale:64,upscale:256"
+    config.captioner.question_preset = "official"  # "simple": at most 20 words
+    config.captioner.batch_size = 8
+    config.captioner.max_new_tokens = 200
+    config.captioner.dtype = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU, fp32 on CPU)
+    config.captioner.device = ""  # "" = cuda when PyTorch sees a GPU, else cpu
     config.dtype = "float32"  # compute dtype of every network (the official test runs fp32)
     config.param_dtype = "float32"
     config.attention_backend = "auto"
@@ -120,6 +135,7 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
         raise bad("tiling.vae_encoder_tile_size", "a multiple of 8 (the VAE's downsampling)")
     if not isinstance(tiling.get("vae_streaming", True), bool):
         raise bad("tiling.vae_streaming", "True | False")
+    validate_captioner(config.get("captioner") or default_infer_config().captioner, bad)
     for key in ("dtype", "param_dtype"):
         if config[key] not in DTYPES:
             raise bad(key, " | ".join(DTYPES))
@@ -133,3 +149,20 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
         raise bad("apply_exif_orientation", "True | False")
     if not isinstance(config.get("compile_cache", "default"), str):
         raise bad("compile_cache", '"default" (the user cache folder), a folder, or "" (off)')
+
+
+def validate_captioner(captioner, bad) -> None:
+    for key in ("model", "lowlevel_model", "caption_transform", "device"):
+        if not isinstance(captioner[key], str):
+            raise bad(f"captioner.{key}", "a string")
+    if captioner.question_preset not in QUESTION_PRESETS:
+        raise bad("captioner.question_preset", " | ".join(QUESTION_PRESETS))
+    if captioner.dtype not in CAPTION_DTYPES:
+        raise bad("captioner.dtype", " | ".join(CAPTION_DTYPES))
+    for key in ("batch_size", "max_new_tokens"):
+        if isinstance(captioner[key], bool) or not isinstance(captioner[key], int) or captioner[key] < 1:
+            raise bad(f"captioner.{key}", "an integer >= 1")
+    try:
+        parse_transforms(captioner.caption_transform)
+    except ValueError as error:
+        raise bad("captioner.caption_transform", str(error).split(": ", 1)[-1]) from None

@@ -4,7 +4,8 @@ Official layout (the release's test sets): `ROOT/LR/NAME.png` with `ROOT/highlev
 and `ROOT/lowlevel_prompt_q/NAME.txt` (another single `lowlevel_prompt*/` folder is used when
 `lowlevel_prompt_q/` is absent: `lowlevel_prompt_folder`); the first line of each file,
 left-stripped, as the release reads it. A captions JSONL (the `xpsr_jax.captions`
-format) is keyed by image id = file stem, with the LR image's captions (`source` "lr").
+format) is keyed by image id = file stem, with the LR image's captions (`source` "lr"). Captions
+made on the fly (infer.py --captioner) are the last resort: `add_made_captions`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class PromptSource:
         self.captions_path = captions
         self.highlevel, self.lowlevel = highlevel, lowlevel
         self.caption_source = caption_source
+        self.made: dict[tuple[str, str, str], str] = {}  # (image id, "lr", kind) -> caption made on the fly
         self.lowlevel_folder = None
         if official_root is not None:
             self.lowlevel_folder = lowlevel_prompt_folder(official_root)
@@ -69,7 +71,13 @@ class PromptSource:
             parts.append(f"official layout {self.official_root}")
         if self.highlevel is not None or self.lowlevel is not None:
             parts.append("command line")
+        if self.made:
+            parts.append("the captioner")
         return ", ".join(parts) or "none"
+
+    def add_made_captions(self, captions) -> None:
+        """Captions made on the fly, keyed (image id, "lr", kind): used where no other source has one."""
+        self.made.update(captions)
 
     def _official(self, image: Path, folder: str | None, kind: str) -> str | None:
         if self.official_root is None:
@@ -98,6 +106,25 @@ class PromptSource:
                                      f"official folder layout")
         return value
 
+    def _kind(self, image: Path, kind: str) -> str:
+        flag, folder = (self.highlevel, OFFICIAL_HIGHLEVEL_FOLDER) if kind == "highlevel" else \
+            (self.lowlevel, self.lowlevel_folder)
+        try:
+            return self._one(image, kind, flag, folder)
+        except MissingPromptError:
+            if (image.stem, "lr", kind) in self.made:
+                return self.made[(image.stem, "lr", kind)]
+            raise
+
+    def missing_kinds(self, image: Path) -> list[str]:
+        """The prompt kinds no source has for `image` ("highlevel", "lowlevel")."""
+        missing = []
+        for kind in ("highlevel", "lowlevel"):
+            try:
+                self._kind(image, kind)
+            except MissingPromptError:
+                missing.append(kind)
+        return missing
+
     def prompts(self, image: Path) -> tuple[str, str]:
-        return (self._one(image, "highlevel", self.highlevel, OFFICIAL_HIGHLEVEL_FOLDER),
-                self._one(image, "lowlevel", self.lowlevel, self.lowlevel_folder))
+        return self._kind(image, "highlevel"), self._kind(image, "lowlevel")

@@ -1,0 +1,118 @@
+"""infer.py --captioner: a plain folder of photos (no prompts anywhere) to SR outputs in one
+command, the captions made by a tiny random LLaVA, saved as they are made, reused by a rerun and
+resumed after a crash that loses at most one batch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers.tiny_llava import record_caption_inputs, tiny_llava_dir  # noqa: F401  (session fixture)
+from xpsr_jax.captions import io as caption_io
+from xpsr_jax.captions.transforms import apply_transforms, parse_transforms
+from xpsr_jax.inference import cli
+from xpsr_jax.models.tiny import write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "chelsea", "coffee")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    """Real photos (the package's examples) as 16 px LR inputs, in a plain folder."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in PHOTOS:
+        Image.open(REPO / "xpsr_jax" / "examples" / "hr" / f"{name}.png").convert("RGB").resize(
+            (16, 16), Image.BICUBIC).save(folder / f"{name}.png")
+    return folder
+
+
+def infer(tiny, photos, out, llava, *extra) -> tuple[int, str, str]:
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        code = cli.main(["--weights", str(tiny.xpsr), "--sd15", str(tiny.sd15), "--input", str(photos),
+                         "--output", str(out), "--captioner", llava, "--config",
+                         str(REPO / "configs" / "infer.py:tiny"), "--config.num_inference_steps=1",
+                         "--config.captioner.max_new_tokens=6", "--config.captioner.batch_size=2", *extra])
+    return code, printed.getvalue(), errors.getvalue()
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_plain_folder_to_sr_with_captions_made_saved_and_reused(tiny, photos, tmp_path, monkeypatch,
+                                                               tiny_llava_dir):  # noqa: F811
+    seen = record_caption_inputs(monkeypatch)
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    out = tmp_path / "out"
+    spec = "upscale:64,jpeg:40"
+    code, stdout, stderr = infer(tiny, photos, out, tiny_llava_dir, "--caption-transform", spec)
+    assert code == 0, stdout + stderr
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{name}.png" for name in PHOTOS]
+    assert all(Image.open(out / f"{name}.png").size == (64, 64) for name in PHOTOS)
+    made = records(out / "captions.jsonl")
+    assert sorted((r["image_id"], r["task"]) for r in made) == sorted(
+        (name, task) for name in PHOTOS for task in ("highlevel", "lowlevel"))
+    assert {r["source"] for r in made} == {"lr"} and {r["caption_transform"] for r in made} == {spec}
+    assert "captions: 6 made, 0 reused" in stdout and "prompts from the captioner" in stdout
+    # The MLLM saw the transformed photo; the SR input (the file) is untouched.
+    expected = {name: np.asarray(apply_transforms(Image.open(photos / f"{name}.png").convert("RGB"),
+                                                  parse_transforms(spec))) for name in PHOTOS}
+    assert len(seen) == 6 and all(any(np.array_equal(s, e) for e in expected.values()) for s in seen)
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+    # A rerun (outputs redone) makes no new caption.
+    text = (out / "captions.jsonl").read_text()
+    code, stdout, stderr = infer(tiny, photos, out, tiny_llava_dir, "--caption-transform", spec, "--overwrite")
+    assert code == 0, stdout + stderr
+    assert "captions: 0 made, 6 reused" in stdout
+    assert (out / "captions.jsonl").read_text() == text
+
+
+def test_a_crash_while_captioning_loses_at_most_one_batch(tiny, photos, tmp_path, monkeypatch,
+                                                          tiny_llava_dir):  # noqa: F811
+    out = tmp_path / "out"
+    real_write = caption_io.CaptionWriter.write
+    calls = []
+
+    def write_then_die(self, batch):
+        calls.append(1)
+        if len(calls) == 2:  # the process dies while the second batch is being captioned
+            raise KeyboardInterrupt
+        real_write(self, batch)
+
+    monkeypatch.setattr(caption_io.CaptionWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        infer(tiny, photos, out, tiny_llava_dir)
+    assert len(records(out / "captions.jsonl")) == 2  # the first batch of 2 is kept
+    assert not list(out.glob("*.png"))
+    monkeypatch.setattr(caption_io.CaptionWriter, "write", real_write)
+    code, stdout, stderr = infer(tiny, photos, out, tiny_llava_dir)
+    assert code == 0, stdout + stderr
+    assert "captions: 4 made, 2 reused" in stdout
+    keys = [(r["image_id"], r["task"]) for r in records(out / "captions.jsonl")]
+    assert len(keys) == len(set(keys)) == 6
+    assert len(list(out.glob("*.png"))) == len(PHOTOS)
+
+
+def test_a_folder_that_is_not_a_captioning_model_stops_before_any_image(tiny, photos, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = infer(tiny, photos, out, str(tiny.sd15 / "vae"))
+    assert code == 2 and "Traceback" not in stderr
+    assert "captioning model" in stderr and "not an image-text-to-text model" in stderr, stderr
+    assert not out.exists() or not any(out.iterdir())
+    code, stdout, stderr = infer(tiny, photos, out, str(tmp_path / "missing"))
+    assert code == 2 and "does not exist" in stderr, stderr
