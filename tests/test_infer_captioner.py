@@ -73,6 +73,16 @@ def test_plain_folder_to_sr_with_captions_made_saved_and_reused(tiny, photos, tm
                                                   parse_transforms(spec))) for name in PHOTOS}
     assert len(seen) == 6 and all(any(np.array_equal(s, e) for e in expected.values()) for s in seen)
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    # The SR network got the photo itself: the same captions given as a file give the same images.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["--weights", str(tiny.xpsr), "--sd15", str(tiny.sd15), "--input", str(photos),
+                         "--output", str(tmp_path / "from_file"), "--captions", str(out / "captions.jsonl"),
+                         "--config", str(REPO / "configs" / "infer.py:tiny"),
+                         "--config.num_inference_steps=1"]) == 0, printed.getvalue()
+    for name in PHOTOS:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "from_file" / f"{name}.png")),
+                                      np.asarray(Image.open(out / f"{name}.png")))
 
     # A rerun (outputs redone) makes no new caption.
     text = (out / "captions.jsonl").read_text()
