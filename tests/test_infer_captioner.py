@@ -126,3 +126,29 @@ def test_a_folder_that_is_not_a_captioning_model_stops_before_any_image(tiny, ph
     assert not out.exists() or not any(out.iterdir())
     code, stdout, stderr = infer(tiny, photos, out, str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in stderr, stderr
+
+
+def test_missing_processor_files_and_a_model_that_does_not_load_are_named(tmp_path, monkeypatch,
+                                                                          tiny_llava_dir):  # noqa: F811
+    import shutil
+
+    from xpsr_jax.captions import CaptionInputError, batches
+    from xpsr_jax.captions.on_demand import check_captioner_folder
+
+    check_captioner_folder(tiny_llava_dir)  # the real thing passes
+    no_processor = tmp_path / "no_processor"
+    shutil.copytree(tiny_llava_dir, no_processor, ignore=shutil.ignore_patterns("preprocessor_config.json",
+                                                                                 "processor_config.json"))
+    with pytest.raises(CaptionInputError, match=r"lacks its processor files \(one of \['preprocessor_config.json'"):
+        check_captioner_folder(str(no_processor))
+
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Half precision is not supported on this device\nsecond line")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+    settings = batches.CaptionSettings(task="highlevel", question="q", model_name=tiny_llava_dir)
+    with pytest.raises(CaptionInputError, match=r"does not load as an image-text-to-text model in torch.float16 on "
+                                                r"cpu: Half precision is not supported on this device$"):
+        batches.load_captioner(tiny_llava_dir, "q", settings, "cpu", "fp16")
