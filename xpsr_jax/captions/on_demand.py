@@ -77,10 +77,10 @@ def caption_missing(wanted: Mapping[str, Sequence[pathlib.Path]], *, output: pat
     existing = io.repair_partial_tail(output) if output.exists() else []
     result = OnDemandCaptions()
     todo: dict[str, list[work.WorkItem]] = {}
+    done = {io.record_key(r) for r in existing}
     for task, paths in wanted.items():
         question = preset_question(question_preset, task)
         batches.check_same_question(existing, task, question, output, spec)
-        done = {io.record_key(r) for r in existing}
         todo[task] = [work.WorkItem(p.stem, "lr", p) for p in paths if (p.stem, "lr", task) not in done]
         result.reused += len(paths) - len(todo[task])
     for folder in dict.fromkeys(models[task] for task in ("highlevel", "lowlevel") if todo.get(task)):

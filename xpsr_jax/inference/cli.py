@@ -210,8 +210,9 @@ def run(args, config, artifact=None) -> int:
     files = process_share(files, jax.process_index(), jax.process_count())
     prompts = PromptSource(official_root=official_root, captions=args.captions, highlevel=args.highlevel_prompt,
                            lowlevel=args.lowlevel_prompt, caption_source=args.caption_source)
+    where = output if len(targets) != 1 or output.suffix.lower() != ".png" else output.parent
     if config.get("captioner") is not None and config.captioner.model:
-        caption_on_the_fly(files, targets, prompts, config, output, args.overwrite)
+        caption_on_the_fly(files, targets, prompts, config, where, args.overwrite)
     failures: list[tuple[Path, str]] = []
     todo, skipped = [], 0
     redone = 0
@@ -273,7 +274,6 @@ def run(args, config, artifact=None) -> int:
                 progress.set_postfix(img_per_s=f"{written / max(sampling, 1e-9):.2f}")
         finally:
             progress.close()
-    where = output if len(targets) != 1 or output.suffix.lower() != ".png" else output.parent
     print(f"wrote {written} image(s) to {where}" + (f" ({redone} redone)" if redone else "")
           + (f"; {skipped} already there" if skipped else "")
           + (f"; {len(failures)} failed" if failures else ""), flush=True)
@@ -289,15 +289,14 @@ def apply_captioner_flags(args, config) -> None:
         raise ValueError("--lowlevel-captioner needs --captioner (the model for the high-level prompts)")
 
 
-def captions_path(output: Path, single_file: bool) -> Path:
+def captions_path(folder: Path) -> Path:
     """Where captions made on the fly go: OUTPUT/captions.jsonl (one file per process when several run)."""
-    folder = output.parent if single_file and output.suffix.lower() == ".png" else output
     if jax.process_count() > 1:
         return folder / f"captions.process-{jax.process_index()}-of-{jax.process_count()}.jsonl"
     return folder / "captions.jsonl"
 
 
-def caption_on_the_fly(files, targets, prompts: PromptSource, config, output: Path, overwrite: bool) -> None:
+def caption_on_the_fly(files, targets, prompts: PromptSource, config, folder: Path, overwrite: bool) -> None:
     """Captions from config.captioner's model(s) for every image still to do that no other source
     has a prompt for; unreadable images are left to the main loop's per-file errors."""
     wanted: dict[str, list[Path]] = {"highlevel": [], "lowlevel": []}
@@ -314,7 +313,7 @@ def caption_on_the_fly(files, targets, prompts: PromptSource, config, output: Pa
     if not any(wanted.values()):
         return
     captioner = config.captioner
-    path = captions_path(output, len(files) == 1)
+    path = captions_path(folder)
     result = caption_missing(
         wanted, output=path, model=captioner.model, lowlevel_model=captioner.lowlevel_model,
         caption_transform=captioner.caption_transform, question_preset=captioner.question_preset,

@@ -161,6 +161,9 @@ def sd15_folder(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None 
         raise WeightFileError(f"{path}: converting needs {needed / 2**30:.2f} GiB in {root} and "
                               f"{free / 2**30:.2f} GiB is free; set XDG_CACHE_HOME to a larger disk")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the kept folder gets what mkdir would give
     try:
         for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                            ("text_encoder", "model")):
