@@ -3,6 +3,7 @@
 
     config, rest = parse_config_flags(argv, default="infer.py")
     args = parser.parse_args(rest)          # the command's own flags
+    config, args = parse_command_line(parser, argv, default="infer.py")    # both; bad flags exit 2
     config = load_config_file("train.py:tiny")
 
 A FILE that does not exist as given but names one of the packaged config files (`train.py`,
@@ -122,6 +123,17 @@ def parse_config_flags(argv: Sequence[str], *, default: str, prog: str = "xpsr_j
         message = message.splitlines()[0] if message else type(error).__name__
         raise ConfigFlagError(f"config flags: {message}") from error
     return config, rest
+
+
+def parse_command_line(parser, argv: Sequence[str] | None, *, default: str):
+    """(config, the parser's namespace) from a command line (None: sys.argv[1:]); a bad config
+    flag is reported as the parser's usage error (exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config, rest = parse_config_flags(argv, default=default, prog=parser.prog)
+    except ConfigFlagError as error:
+        parser.error(str(error))
+    return config, parser.parse_args(rest)
 
 
 def _resolved_spec(spec: str) -> str:

@@ -67,9 +67,9 @@ def check_model_dir(path: str) -> pathlib.Path:
     if not (folder / "config.json").is_file():
         what = "has no config.json" if folder.is_dir() else "does not exist"
         raise CaptionInputError(
-            f"model folder {path!r} {what}. Weights are never downloaded here: fetch them "
-            f"beforehand, e.g. `hf download llava-hf/llava-1.5-7b-hf --local-dir {path}`, "
-            "and pass the folder with --model"
+            f"captioning model folder {path!r} {what}. Weights are never downloaded here: fetch "
+            f"them beforehand, e.g. `hf download llava-hf/llava-1.5-7b-hf --local-dir {path}`, "
+            "and give that folder"
         )
     return folder
 

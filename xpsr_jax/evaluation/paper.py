@@ -44,6 +44,12 @@ PAPER_MLLM_ABLATION: dict[str, dict[str, tuple[float, ...]]] = {
     },
 }
 
+# Supplement Table 1, the blind user study: 20 participants x 50 real LR images (DRealSR and
+# RealSR), each picking the best of six methods' results shown with the LR. Selection rates.
+PAPER_USER_STUDY: dict[str, float] = {
+    "BSRGAN": 0.007, "Real-ESRGAN": 0.009, "StableSR": 0.053, "PASD": 0.140, "SeeSR": 0.148, "XPSR": 0.643,
+}
+
 
 def paper_results(dataset: str) -> dict[str, float]:
     """The paper's numbers for `dataset` (case-insensitive); ValueError naming the valid ones."""

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from xpsr_jax.captions.on_demand import caption_missing
-from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, report_error, split_config_args
+from xpsr_jax.cli_config import parse_command_line, report_error, split_config_args
 from xpsr_jax.compile_cache import DEFAULT as DEFAULT_CACHE
 from xpsr_jax.compile_cache import cache_dir, enable_compile_cache, user_cache_dir
 from xpsr_jax.data.images import (
@@ -52,7 +52,7 @@ from xpsr_jax.inference.artifact import (
 from xpsr_jax.inference.batching import super_resolve_iter
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
-from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, preprocess_lr
+from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, check_output_size, preprocess_lr
 from xpsr_jax.inference.prompts import (
     OFFICIAL_LR_FOLDER,
     MissingPromptError,
@@ -324,18 +324,6 @@ def caption_on_the_fly(files, targets, prompts: PromptSource, config, folder: Pa
     print(f"captions: {result.made} made, {result.reused} reused ({path})", flush=True)
 
 
-def check_output_size(lr_shape: tuple[int, ...], processed_shape: tuple[int, ...], config) -> None:
-    """InputImageError when the image sampled (the x4 output, raised to process_size) or written
-    is over `max_output_pixels`: named with both sizes, the limit and the key that raises it."""
-    limit = int(config.get("max_output_pixels", 4096 * 4096))
-    output = (config.upscale * lr_shape[0], config.upscale * lr_shape[1])
-    height, width = max((output, tuple(processed_shape[:2])), key=lambda hw: hw[0] * hw[1])
-    if height * width > limit:
-        raise InputImageError(f"{lr_shape[1]}x{lr_shape[0]} px input makes a {width}x{height} px image "
-                              f"({width * height:,} px), over max_output_pixels={limit:,}; raise it with "
-                              f"--config.max_output_pixels={width * height} (memory and time grow with it)")
-
-
 class OutputWriteError(RuntimeError):
     """An output that could not be written mid-run; the message names it and how to resume."""
 
@@ -378,12 +366,7 @@ def _summary(failures) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        config, rest = parse_config_flags(argv, default=DEFAULT_CONFIG, prog=parser.prog)
-    except ConfigFlagError as error:
-        parser.error(str(error))
-    args = parser.parse_args(rest)
+    config, args = parse_command_line(build_parser(), argv, default=DEFAULT_CONFIG)
     try:
         artifact = None
         if stablehlo_artifact_path(args.weights) is not None:

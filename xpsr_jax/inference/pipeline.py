@@ -15,6 +15,7 @@ multi-process run each process works on its own share of images with its own dev
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections import OrderedDict
@@ -106,16 +107,9 @@ class XPSRPipeline:
 
     def __init__(self, *, unet, controlnet, vae, text_encoder, tokenizer, scheduler_config: dict,
                  config: config_dict.ConfigDict | None = None, devices: Sequence[jax.Device] | None = None):
-        self.config = _as_config(config)
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.noise_schedule = noise_schedule_from_config(self.scheduler_config)
-        cfg = self.config
-        sampler_options = {"final_sigmas_type": cfg.final_sigmas_type} if cfg.sampler == "unipc" \
-            else {}
-        if cfg.timestep_spacing:
-            sampler_options["timestep_spacing"] = cfg.timestep_spacing
-        self.sampler = make_sampler(cfg.sampler, self.scheduler_config, cfg.num_inference_steps, **sampler_options)
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
         self._replicated = NamedSharding(self.mesh, P())
         self._batch_sharding = NamedSharding(self.mesh, P("data"))
@@ -124,21 +118,46 @@ class XPSRPipeline:
         self.states = jax.device_put(states, self._replicated)
         self.text_encoder_def, text_state = nnx.split(text_encoder)
         self.text_encoder_state = jax.device_put(text_state, self._replicated)
+        self._scaling_factor = float(vae.config.scaling_factor)
+        self._set_recipe(config)
+        # Called with one line before and after each sampler compile (infer.py prints them).
+        self.on_compile = None
+        self._encode_text = jax.jit(lambda state, ids: nnx.merge(self.text_encoder_def, state)(ids))
+
+    def _set_recipe(self, config: config_dict.ConfigDict | None) -> None:
+        """The sampler, the sampling plan and an empty table of compiled programs for `config`."""
+        self.config = cfg = _as_config(config)
+        sampler_options = {"final_sigmas_type": cfg.final_sigmas_type} if cfg.sampler == "unipc" else {}
+        if cfg.timestep_spacing:
+            sampler_options["timestep_spacing"] = cfg.timestep_spacing
+        self.sampler = make_sampler(cfg.sampler, self.scheduler_config, cfg.num_inference_steps, **sampler_options)
         tiling = cfg.tiling
         self.plan = SamplingPlan(
             sampler=self.sampler, noise_schedule=self.noise_schedule, guidance_scale=float(cfg.guidance_scale),
             conditioning_scale=float(cfg.conditioning_scale), init=cfg.init,
             added_noise_level=int(cfg.added_noise_level), color_fix=cfg.color_fix,
-            scaling_factor=float(vae.config.scaling_factor), tiling=bool(tiling.enabled),
+            scaling_factor=self._scaling_factor, tiling=bool(tiling.enabled),
             latent_tile_size=tiling.latent_tile_size, latent_tile_overlap=tiling.latent_tile_overlap,
             tile_batch_size=tiling.tile_batch_size, vae_encoder_tile_size=tiling.vae_encoder_tile_size,
             vae_decoder_tile_size=tiling.vae_decoder_tile_size, vae_streaming=tiling.get("vae_streaming", True))
         self._compiled: OrderedDict = OrderedDict()  # (shape, injected, with_steps) -> jit / compiled
-        # Called with one line before and after each sampler compile (infer.py prints them).
-        self.on_compile = None
         self.compile_seconds = 0.0  # spent compiling (tracing + XLA or the cache), all shapes
-        self._encode_text = jax.jit(lambda state, ids: nnx.merge(self.text_encoder_def, state)(ids))
         self.trace_count = 0  # times the sampling function was traced (one per compiled shape)
+
+    def with_config(self, config: config_dict.ConfigDict) -> "XPSRPipeline":
+        """This pipeline with another recipe (sampler, steps, guidance, colour fix, tiling, prompts,
+        ...) on the same loaded weights: nothing is reloaded or copied, and the new pipeline
+        compiles its own programs. The model settings (dtype, param_dtype, attention_backend)
+        fixed at load time cannot change here."""
+        config = _as_config(config)
+        changed = [key for key in ("dtype", "param_dtype", "attention_backend") if config[key] != self.config[key]]
+        if changed:
+            raise ValueError(f"with_config: {', '.join(f'{k}={config[k]!r}' for k in changed)} differ from the loaded "
+                             f"networks' ({', '.join(f'{k}={self.config[k]!r}' for k in changed)}); load a new "
+                             "pipeline with XPSRPipeline.from_pretrained")
+        other = copy.copy(self)
+        other._set_recipe(config)
+        return other
 
     @classmethod
     def from_pretrained(cls, weights: str | os.PathLike, sd15: str | os.PathLike | None = None,

@@ -52,3 +52,15 @@ def resize_output(image_uint8: np.ndarray, lr_shape: tuple[int, ...], *, upscale
     if image_uint8.shape[1::-1] == target:
         return image_uint8
     return np.asarray(Image.fromarray(image_uint8).resize(target, Image.BICUBIC), dtype=np.uint8)
+
+
+def check_output_size(lr_shape: tuple[int, ...], processed_shape: tuple[int, ...], config) -> None:
+    """InputImageError when the image sampled (the x4 output, raised to process_size) or written
+    is over `max_output_pixels`: named with both sizes, the limit and the key that raises it."""
+    limit = int(config.get("max_output_pixels", 4096 * 4096))
+    output = (config.upscale * lr_shape[0], config.upscale * lr_shape[1])
+    height, width = max((output, tuple(processed_shape[:2])), key=lambda hw: hw[0] * hw[1])
+    if height * width > limit:
+        raise InputImageError(f"{lr_shape[1]}x{lr_shape[0]} px input makes a {width}x{height} px image "
+                              f"({width * height:,} px), over max_output_pixels={limit:,}; raise it with "
+                              f"--config.max_output_pixels={width * height} (memory and time grow with it)")

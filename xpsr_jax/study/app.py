@@ -1,0 +1,134 @@
+"""The blind study's Gradio page over a `Catalog` and a `VoteStore`.
+
+    serve(catalog, store, host="127.0.0.1", port=7861)
+
+For each image a participant sees the LR and every method's result, unnamed (letters A, B, ...),
+in a fresh random order, at one size, and picks one. Images reach the browser as PNG copies named
+by a hash of their bytes (`Catalog.display_files`), so no file name or URL says which method made
+one.
+
+API endpoints (gradio_client, `Client(url).predict(..., api_name=...)`); each returns
+(image_id, progress "12 / 50", LR, result A, result B, ..., message, choice):
+  /start  (participant)                     start, or resume at the first image without a vote
+  /show   (participant, image_id)           that image, in a fresh order (to change a vote)
+  /vote   (participant, image_id, choice)   choice "A", "B", ... of the order last shown; the
+                                            next image without a vote comes back
+An unknown participant, image id or choice comes back as a message (AppError), never a traceback.
+"""
+
+from __future__ import annotations
+
+import string
+import sys
+import tempfile
+from pathlib import Path
+
+from xpsr_jax.study.catalog import Catalog
+from xpsr_jax.study.store import StudyError, VoteStore
+
+TITLE = "Which result is best?"
+FONTS = dict(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # offline: no web fonts
+
+
+def slot_letters(count: int) -> list[str]:
+    return list(string.ascii_uppercase[:count])
+
+
+class StudyPage:
+    """The handlers behind the page and the API, without Gradio (they raise StudyError)."""
+
+    def __init__(self, catalog: Catalog, store: VoteStore, display_folder: Path):
+        self.catalog, self.store, self.display_folder = catalog, store, display_folder
+        self.letters = slot_letters(len(store.methods))
+
+    def _display(self, participant: str, image: str | None, message: str) -> tuple:
+        total = len(self.store.images)
+        progress = f"{len(self.store.voted(participant))} / {total}"
+        if image is None:
+            done = f"All {total} images have your vote. Thank you! (\"back\" shows an image again to change a vote.)"
+            return ("", progress, None, *([None] * len(self.letters)), (message + " " + done).strip(), None)
+        order = self.store.show(participant, image)
+        lr, results = self.catalog.display_files(image, order, self.display_folder)
+        earlier = self.store.voted(participant).get(image)
+        if earlier is not None:
+            message = (message + " You voted for this image before; a new vote replaces that one.").strip()
+        return (image, progress, str(lr), *map(str, results), message, None)
+
+    def start(self, participant) -> tuple:
+        participant = self.store.start(participant)
+        image = self.store.next_image(participant)
+        return self._display(participant, image, f"Welcome, {participant}.")
+
+    def show(self, participant, image_id) -> tuple:
+        participant = self.store.start(participant)
+        return self._display(participant, self.store.check_image(image_id), "")
+
+    def back(self, participant, image_id) -> tuple:
+        participant = self.store.start(participant)
+        if not image_id:  # finished: back to the last image of the participant's order
+            return self._display(participant, self.store.order(participant)[-1], "")
+        previous = self.store.previous_image(participant, image_id)
+        if previous is None:
+            raise StudyError("this is the first image")
+        return self._display(participant, previous, "")
+
+    def vote(self, participant, image_id, choice) -> tuple:
+        if choice not in self.letters:
+            raise StudyError(f"choice {choice!r}: pick one of {', '.join(self.letters)}")
+        image = self.store.check_image(image_id)
+        vote = self.store.vote(participant, image, self.letters.index(choice))
+        message = f"Vote for image {image} changed." if vote.replaced else f"Vote for image {image} recorded."
+        return self._display(vote.participant, self.store.next_image(vote.participant, after=image), message)
+
+
+def serve(catalog: Catalog, store: VoteStore, *, host: str = "127.0.0.1", port: int = 7861, block: bool = True):
+    """Serves the study page on host:port; `block=False` returns after start-up."""
+    import gradio as gr  # lazy: the optional [demo] extra; the core package never imports it
+
+    page = StudyPage(catalog, store, Path(tempfile.mkdtemp(prefix="xpsr-study-")))
+
+    def answer(handler):
+        def run(*args):
+            try:
+                return handler(*args)
+            except StudyError as error:
+                print(f"request refused: {error}", file=sys.stderr, flush=True)
+                raise gr.Error(str(error), print_exception=False) from None
+        return run
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {TITLE}\nEach page shows a low-resolution image and {len(page.letters)} enlarged "
+                    "versions of it, in a new order each time. Pick the one you find best (the fullscreen button "
+                    "zooms). Enter the same name later to resume.")
+        with gr.Row():
+            participant = gr.Textbox(label="your name or token", elem_id="participant", scale=3)
+            start = gr.Button("start / resume", elem_id="start", scale=1)
+        with gr.Row():
+            image_id = gr.Textbox(label="image", interactive=False, elem_id="image-id")
+            progress = gr.Textbox(label="voted", interactive=False, elem_id="progress")
+        message = gr.Markdown(elem_id="message")
+        lr = gr.Image(label="low-resolution input", interactive=False, format="png", height=200,
+                      elem_id="lr", buttons=["fullscreen"])
+        results = []
+        for row_start in range(0, len(page.letters), 3):
+            with gr.Row():
+                for letter in page.letters[row_start:row_start + 3]:
+                    results.append(gr.Image(label=letter, interactive=False, format="png", height=360,
+                                            elem_id=f"result-{letter}",
+                                            buttons=["fullscreen"]))
+        with gr.Row():
+            choice = gr.Radio(page.letters, label="the best result", elem_id="choice", scale=3)
+            vote = gr.Button("vote", variant="primary", elem_id="vote", scale=1)
+            back = gr.Button("back", elem_id="back", scale=1)
+        outputs = [image_id, progress, lr, *results, message, choice]
+        start.click(answer(page.start), [participant], outputs, api_name="start")
+        participant.submit(answer(page.start), [participant], outputs, api_visibility="private")
+        vote.click(answer(page.vote), [participant, image_id, choice], outputs, api_name="vote", preprocess=False)
+        back.click(answer(page.back), [participant, image_id], outputs, api_visibility="private")
+        # /show has no button of its own: an API endpoint for scripts (the page uses "back").
+        shown = gr.Button(visible=False)
+        shown.click(answer(page.show), [participant, image_id], outputs, api_name="show")
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
+                theme=gr.themes.Default(**FONTS), footer_links=["api"], prevent_thread_lock=not block, quiet=True)
+    return demo
