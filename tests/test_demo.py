@@ -109,7 +109,6 @@ def predict(client, image_path, highlevel="a red house", lowlevel="blurry", seed
                           api_name="/super_resolve")
 
 
-@pytest.mark.xdist_group("demo_server")
 def test_the_demo_api_returns_x4_images_reuses_compiled_sizes_and_answers_bad_input(demo_server, tmp_path):
     client = Client(demo_server.url, verbose=False)
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == \
@@ -154,7 +153,6 @@ def test_the_demo_api_returns_x4_images_reuses_compiled_sizes_and_answers_bad_in
     assert "Traceback" not in demo_server.output()
 
 
-@pytest.mark.xdist_group("demo_server")
 def test_a_browser_uploads_an_image_and_sees_the_before_after_slider(demo_server, tmp_path):
     photo = Image.open(REPO / "xpsr_jax" / "examples" / "hr" / "chelsea.png").convert("RGB").resize((32, 32),
                                                                                                     Image.BICUBIC)

@@ -17,6 +17,8 @@ from tests.helpers.tiny_llava import record_caption_inputs, tiny_llava_dir  # no
 from xpsr_jax.captions import io as caption_io
 from xpsr_jax.captions.transforms import apply_transforms, parse_transforms
 from xpsr_jax.inference import cli
+from xpsr_jax.inference.config import default_infer_config
+from xpsr_jax.inference.prompts import PromptSource
 from xpsr_jax.models.tiny import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,3 +154,30 @@ def test_missing_processor_files_and_a_model_that_does_not_load_are_named(tmp_pa
     with pytest.raises(CaptionInputError, match=r"does not load as an image-text-to-text model in torch.float16 on "
                                                 r"cpu: Half precision is not supported on this device$"):
         batches.load_captioner(tiny_llava_dir, "q", settings, "cpu", "fp16")
+
+
+def test_a_prompt_file_that_is_not_utf8_fails_only_its_image_when_captioning(tmp_path, monkeypatch):
+    """An official-layout test set with one broken prompt file: the captioner is asked for the
+    images without prompts, the broken one is left to the main loop (which names it, one line)."""
+    root = tmp_path / "testset"
+    for folder in ("LR", "highlevel_prompt", "lowlevel_prompt_q"):
+        (root / folder).mkdir(parents=True)
+    for name in ("broken", "plain"):
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(root / "LR" / f"{name}.png")
+    (root / "highlevel_prompt" / "broken.txt").write_bytes(b"\xff\xfe a caption in another encoding")
+    asked = {}
+
+    def fake_caption_missing(wanted, **_):  # the model's side is tested above; here: what it is asked
+        asked.update({kind: sorted(p.stem for p in paths) for kind, paths in wanted.items()})
+        return type("Result", (), {"captions": {}, "made": 0, "reused": 0})()
+
+    monkeypatch.setattr(cli, "caption_missing", fake_caption_missing)
+    files, official_root = cli.list_inputs(root)
+    config = default_infer_config()
+    config.captioner.model = "unused"
+    prompts = PromptSource(official_root=official_root)
+    targets = dict(zip(files, cli.output_paths(tmp_path / "out", files)))
+    cli.caption_on_the_fly(files, targets, prompts, config, tmp_path / "out", overwrite=False)
+    assert asked == {"highlevel": ["plain"], "lowlevel": ["plain"]}
+    with pytest.raises(UnicodeDecodeError):
+        prompts.prompts(root / "LR" / "broken.png")  # the main loop turns this into one error line

@@ -192,7 +192,6 @@ def study_server(study):
         yield server
 
 
-@pytest.mark.xdist_group("study_server")
 def test_two_participants_vote_blind_through_the_api_and_the_report_counts_them(study, study_server, tmp_path):
     planned = {"alice": ["GroundTruthHR", "GroundTruthHR", "BicubicUp"],
                "bob": ["NearestUp", "GroundTruthHR", "GroundTruthHR"]}
@@ -244,7 +243,6 @@ def test_two_participants_vote_blind_through_the_api_and_the_report_counts_them(
     assert "Traceback" not in study_server.output()
 
 
-@pytest.mark.xdist_group("study_server")
 def test_a_browser_casts_a_vote_on_the_study_page(study, study_server, tmp_path):
     with headless_chromium(tmp_path, height=1250) as browser:
         browser.get(study_server.url)

@@ -298,7 +298,7 @@ def captions_path(folder: Path) -> Path:
 
 def caption_on_the_fly(files, targets, prompts: PromptSource, config, folder: Path, overwrite: bool) -> None:
     """Captions from config.captioner's model(s) for every image still to do that no other source
-    has a prompt for; unreadable images are left to the main loop's per-file errors."""
+    has a prompt for; unreadable images and prompt files are left to the main loop's per-file errors."""
     wanted: dict[str, list[Path]] = {"highlevel": [], "lowlevel": []}
     for path in files:
         target = targets[path]
@@ -306,9 +306,10 @@ def caption_on_the_fly(files, targets, prompts: PromptSource, config, folder: Pa
             continue
         try:
             load_lr(path, apply_exif_orientation=config.apply_exif_orientation)
-        except (InputImageError, OSError):
+            missing = prompts.missing_kinds(path)
+        except (InputImageError, OSError, UnicodeDecodeError):  # e.g. a prompt file that is not UTF-8
             continue
-        for kind in prompts.missing_kinds(path):
+        for kind in missing:
             wanted[kind].append(path)
     if not any(wanted.values()):
         return

@@ -193,11 +193,27 @@ class CLIPEncoder(nnx.Module):
         ])
 
     def __call__(self, x: jax.Array) -> list[jax.Array]:
-        """All residual-stream states: [input, after layer 1, ..., after the last layer]."""
-        states = [x]
-        for layer in self.layers:
-            states.append(layer(states[-1]))
-        return states
+        """All residual-stream states: [input, after layer 1, ..., after the last layer].
+
+        The layers are identical, so they run as one `lax.scan` over their weights stacked at
+        call time: one layer's ops in the program instead of num_hidden_layers copies (less
+        tracing, lowering and XLA compile), while each layer keeps its own parameters, so the
+        checkpoint layout (`encoder.layers.N.*`) is unchanged."""
+        graphdefs_states = [nnx.split(layer) for layer in self.layers]
+        graphdef = graphdefs_states[0][0]
+        if len(self.layers) < 2 or any(other != graphdef for other, _ in graphdefs_states[1:]):
+            states = [x]
+            for layer in self.layers:
+                states.append(layer(states[-1]))
+            return states
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in graphdefs_states))
+
+        def one_layer(hidden, layer_state):
+            hidden = nnx.merge(graphdef, layer_state)(hidden)
+            return hidden, hidden
+
+        _, outputs = jax.lax.scan(one_layer, x, stacked)
+        return [x, *(outputs[i] for i in range(len(self.layers)))]
 
 
 class CLIPTextEmbeddings(nnx.Module):
