@@ -16,6 +16,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.helpers.tiny_llava import tiny_llava_dir  # noqa: F401  (session fixture)
 from tests.helpers.web import REPO, WebServer, headless_chromium, python_module, save_screenshot
+from xpsr_jax.compile_cache import enable_compile_cache, user_cache_dir
 from xpsr_jax.configs.infer import get_config
 from xpsr_jax.demo.service import DemoService, Settings, UploadError
 from xpsr_jax.inference.pipeline import XPSRPipeline
@@ -58,6 +59,7 @@ def test_a_recipe_on_the_shared_weights_samples_like_a_pipeline_loaded_with_it(t
     assert other.states is pipeline.states and other.text_encoder_state is pipeline.text_encoder_state
     assert (pipeline.config.sampler, other.config.sampler) == ("ddpm", "ddim")
     lr = lr_image()
+    enable_compile_cache(user_cache_dir())  # as the commands do: the second, identical program is read back
     shared = other([lr], ["a red house"], ["blurry"], seeds=[3])[0]
     loaded = XPSRPipeline.from_pretrained(tiny.xpsr, sd15=tiny.sd15, config=other_recipe)
     np.testing.assert_array_equal(shared, loaded([lr], ["a red house"], ["blurry"], seeds=[3])[0])
@@ -75,7 +77,8 @@ def test_uploads_and_settings_are_refused_with_a_message_naming_what_is_wrong(pi
         (lambda: service.read_upload(str(save(tmp_path / "small.png", lr_image(4, 6))), "small.png"),
          "small.png: image is 6x4 px; both sides must be at least 8 px"),
         (lambda: service.read_upload(str(save(tmp_path / "big.png", lr_image(60, 60))), "big.png"),
-         "big.png: 60x60 px input makes a 240x240 px image .*over max_output_pixels=40,000"),
+         "big.png: 60x60 px input makes a 240x240 px image .*over max_output_pixels=40,000; this demo.s limit: "
+         "upload a smaller image"),
         (lambda: service.read_upload(None), "no image"),
         (lambda: Settings.parse("euler", 2, 4.5, 0, "adain", True, 16), "sampler: 'euler' is not one of ddpm"),
         (lambda: Settings.parse("ddpm", "x", 4.5, 0, "adain", True, 16), "steps: 'x' is not a number"),

@@ -216,11 +216,10 @@ class DemoService:
                 raise InputImageError(f"image is {lr.shape[1]}x{lr.shape[0]} px; both sides must be at least "
                                       f"{MIN_SIDE} px")
             check_output_size(lr.shape, preprocess_lr(lr, self.config.process_size,
-                                                      upscale=self.config.upscale).shape, self.config)
+                                                      upscale=self.config.upscale).shape, self.config,
+                              remedy="this demo's limit: upload a smaller image")
         except InputImageError as error:
-            message = str(error).replace("raise it with --config.max_output_pixels", "the demo's limit; start it "
-                                         "with --config.max_output_pixels")
-            raise UploadError(f"{shown}: {message}") from None
+            raise UploadError(f"{shown}: {error}") from None
         return lr
 
     def caption(self, lr: np.ndarray) -> tuple[str, str]:

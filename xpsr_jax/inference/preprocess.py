@@ -3,6 +3,7 @@
 LR -> x`upscale` bicubic -> if the short side is below `process_size`, torchvision's
 `Resize(process_size, BILINEAR)` (short side to `process_size`, long side truncated) -> both sides
 floored to multiples of 8 (bicubic). The sampled image is resized back to exactly `upscale`x the LR.
+`check_output_size` refuses an input whose image would be over `max_output_pixels`.
 """
 
 from __future__ import annotations
@@ -54,13 +55,16 @@ def resize_output(image_uint8: np.ndarray, lr_shape: tuple[int, ...], *, upscale
     return np.asarray(Image.fromarray(image_uint8).resize(target, Image.BICUBIC), dtype=np.uint8)
 
 
-def check_output_size(lr_shape: tuple[int, ...], processed_shape: tuple[int, ...], config) -> None:
+def check_output_size(lr_shape: tuple[int, ...], processed_shape: tuple[int, ...], config, *,
+                      remedy: str = "raise it with --config.max_output_pixels={needed} (memory and time grow "
+                                    "with it)") -> None:
     """InputImageError when the image sampled (the x4 output, raised to process_size) or written
-    is over `max_output_pixels`: named with both sizes, the limit and the key that raises it."""
+    is over `max_output_pixels`: named with both sizes, the limit and `remedy` (by default the key
+    that raises it; `{needed}` is the pixel count this input needs)."""
     limit = int(config.get("max_output_pixels", 4096 * 4096))
     output = (config.upscale * lr_shape[0], config.upscale * lr_shape[1])
     height, width = max((output, tuple(processed_shape[:2])), key=lambda hw: hw[0] * hw[1])
     if height * width > limit:
         raise InputImageError(f"{lr_shape[1]}x{lr_shape[0]} px input makes a {width}x{height} px image "
-                              f"({width * height:,} px), over max_output_pixels={limit:,}; raise it with "
-                              f"--config.max_output_pixels={width * height} (memory and time grow with it)")
+                              f"({width * height:,} px), over max_output_pixels={limit:,}; "
+                              + remedy.format(needed=width * height))

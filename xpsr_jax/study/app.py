@@ -85,7 +85,8 @@ def serve(catalog: Catalog, store: VoteStore, *, host: str = "127.0.0.1", port: 
     """Serves the study page on host:port; `block=False` returns after start-up."""
     import gradio as gr  # lazy: the optional [demo] extra; the core package never imports it
 
-    page = StudyPage(catalog, store, Path(tempfile.mkdtemp(prefix="xpsr-study-")))
+    display_copies = tempfile.TemporaryDirectory(prefix="xpsr-study-")  # removed when the server stops
+    page = StudyPage(catalog, store, Path(display_copies.name))
 
     def answer(handler):
         def run(*args):
@@ -114,8 +115,7 @@ def serve(catalog: Catalog, store: VoteStore, *, host: str = "127.0.0.1", port: 
             with gr.Row():
                 for letter in page.letters[row_start:row_start + 3]:
                     results.append(gr.Image(label=letter, interactive=False, format="png", height=360,
-                                            elem_id=f"result-{letter}",
-                                            buttons=["fullscreen"]))
+                                            elem_id=f"result-{letter}", buttons=["fullscreen"]))
         with gr.Row():
             choice = gr.Radio(page.letters, label="the best result", elem_id="choice", scale=3)
             vote = gr.Button("vote", variant="primary", elem_id="vote", scale=1)
@@ -128,6 +128,7 @@ def serve(catalog: Catalog, store: VoteStore, *, host: str = "127.0.0.1", port: 
         # /show has no button of its own: an API endpoint for scripts (the page uses "back").
         shown = gr.Button(visible=False)
         shown.click(answer(page.show), [participant, image_id], outputs, api_name="show")
+    demo.display_copies = display_copies  # lives as long as the page
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
                 theme=gr.themes.Default(**FONTS), footer_links=["api"], prevent_thread_lock=not block, quiet=True)
