@@ -150,6 +150,11 @@ def test_the_demo_api_returns_x4_images_reuses_compiled_sizes_and_answers_bad_in
                          (save(tmp_path / "huge.png", lr_image(64, 64)), "over max_output_pixels=40,000")]:
         with pytest.raises(AppError, match=message):
             predict(client, bad)
+    oversized = tmp_path / "oversized.png"
+    with oversized.open("wb") as handle:
+        handle.truncate(65 * 2**20)  # sparse: over the page's 64 MB upload limit
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 67108864 bytes"):
+        predict(client, oversized)
     with pytest.raises(AppError, match="steps: 'many' is not a number"):
         client.predict(handle_file(str(path)), "a", "b", "ddpm", "many", 4.5, 0, "adain", True, 16,
                        api_name="/super_resolve")

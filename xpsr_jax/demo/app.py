@@ -22,6 +22,8 @@ from xpsr_jax.schedulers import SAMPLERS
 TITLE = "XPSR super-resolution (x4)"
 # System fonts: the default theme would ask Google Fonts, which an offline server cannot reach.
 FONTS = dict(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# Uploads are LR images (a 1024 px PNG is about 3 MB); Gradio refuses larger files before they land.
+MAX_UPLOAD = "64mb"
 
 
 def _upload(payload) -> tuple[str | None, str | None]:
@@ -45,7 +47,8 @@ def serve(service: DemoService, *, examples: list[str] = (), host: str = "127.0.
     # One request on the device at a time; the others wait in the queue and see their place.
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
-                theme=gr.themes.Default(**FONTS), footer_links=["api"], prevent_thread_lock=not block, quiet=True)
+                theme=gr.themes.Default(**FONTS), footer_links=["api"], prevent_thread_lock=not block, quiet=True,
+                max_file_size=MAX_UPLOAD)
     return demo
 
 
