@@ -34,7 +34,7 @@ from xpsr_jax.captions.transforms import apply_transforms, parse_transforms
 from xpsr_jax.data.images import ImageReadError, read_rgb, write_png_atomic
 from xpsr_jax.inference.config import COLOR_FIXES, validate_infer_config
 from xpsr_jax.inference.pipeline import XPSRPipeline
-from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, check_output_size, preprocess_lr
+from xpsr_jax.inference.preprocess import InputImageError, check_output_size, preprocess_lr
 from xpsr_jax.schedulers import SAMPLERS
 
 MAX_RECIPES = 4  # recipes kept compiled at once; each holds the programs of the sizes it has seen
@@ -201,7 +201,7 @@ class DemoService:
 
     def read_upload(self, path: str | Path | None, name: str | None = None) -> np.ndarray:
         """The uploaded file as uint8 RGB; UploadError (naming the file as the user knows it) when
-        there is none, it is not an image, or it is smaller than MIN_SIDE or its output over
+        there is none, it is not an image, or it is smaller than preprocess.MIN_SIDE or its output over
         max_output_pixels."""
         shown = name or (Path(path).name if path else "")
         if not path:
@@ -211,10 +211,7 @@ class DemoService:
         except ImageReadError as error:
             reason = str(error.__cause__ or error).replace(str(path), shown)
             raise UploadError(f"{shown} is not an image this demo can read ({reason})") from None
-        try:
-            if min(lr.shape[:2]) < MIN_SIDE:
-                raise InputImageError(f"image is {lr.shape[1]}x{lr.shape[0]} px; both sides must be at least "
-                                      f"{MIN_SIDE} px")
+        try:  # preprocess_lr refuses sides under MIN_SIDE
             check_output_size(lr.shape, preprocess_lr(lr, self.config.process_size,
                                                       upscale=self.config.upscale).shape, self.config,
                               remedy="this demo's limit: upload a smaller image")

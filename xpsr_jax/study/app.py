@@ -43,14 +43,14 @@ class StudyPage:
 
     def _display(self, participant: str, image: str | None, message: str) -> tuple:
         total = len(self.store.images)
-        progress = f"{len(self.store.voted(participant))} / {total}"
+        voted = self.store.voted(participant)
+        progress = f"{len(voted)} / {total}"
         if image is None:
             done = f"All {total} images have your vote. Thank you! (\"back\" shows an image again to change a vote.)"
             return ("", progress, None, *([None] * len(self.letters)), (message + " " + done).strip(), None)
         order = self.store.show(participant, image)
         lr, results = self.catalog.display_files(image, order, self.display_folder)
-        earlier = self.store.voted(participant).get(image)
-        if earlier is not None:
+        if image in voted:
             message = (message + " You voted for this image before; a new vote replaces that one.").strip()
         return (image, progress, str(lr), *map(str, results), message, None)
 
