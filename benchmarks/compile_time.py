@@ -9,8 +9,18 @@ batch 2 at 64 px, float32) and the tiny sampling loop (`configs/infer.py:tiny`, 
 128 px, the pipeline's own compile) are traced, lowered and XLA-compiled; the SD 1.5 size train
 step (bf16, batch 1 at 512 px, the default config's remat) is traced and lowered from shapes only
 (its XLA compile does not fit this machine). Figures: tracing + lowering seconds (which no
-compilation cache skips), XLA compile seconds (the persistent cache is off), XLA fusions in the
-compiled program, and ops in the lowered StableHLO.
+compilation cache skips), XLA compile seconds (the persistent cache is off; the train step with
+the options `train.py` gives it, `train_compiler_options`, where the tree has them), the seconds
+XLA takes to load the serialized program back (what a compile-cache hit pays after tracing),
+the tiny step's median milliseconds, XLA fusions in the compiled program, and ops in the lowered
+StableHLO. `--train-options` compiles the train step rows with other XLA options (JSON, '{}' for
+XLA's defaults). The `part: ...` rows compile parts of the tiny step alone (the loss forward,
+forward + backward, the optimizer, the split of the updated buffer back into tensors); they use
+this tree's APIs, so run them with `--baseline none`.
+
+    python -m benchmarks.compile_time --baseline none --rows "train tiny" --train-options '{}'
+    python -m benchmarks.compile_time --baseline none --rows "part: loss forward" "part: forward+backward" \
+        "part: optimizer" "part: split back"
 
 The baseline is measured in the same run from `git archive` of the given commit: every
 measurement runs in a fresh subprocess of this file with that tree first on PYTHONPATH, and the
@@ -33,6 +43,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("train tiny", "sample tiny", "train sd15 (lower only)")
+# The tiny train step's parts, each compiled alone (this tree's APIs: run with --baseline none).
+PARTS = ("part: loss forward", "part: forward+backward", "part: optimizer", "part: split back")
+OPTIONS_ENV = "XPSR_COMPILE_TIME_TRAIN_OPTIONS"
 _FUSION = re.compile(r"^\s*(?:ROOT\s+)?\S+ = \S+ fusion\(", re.M)
 
 
@@ -44,12 +57,21 @@ def _stablehlo_ops(lowered) -> int:
     return sum(1 for line in lowered.as_text().splitlines() if "stablehlo." in line or "= call @" in line)
 
 
+def _load_seconds(compiled) -> float:
+    """Seconds to load `compiled` back from its serialized form, as a compile-cache hit does."""
+    from jax.experimental import serialize_executable
+
+    payload = serialize_executable.serialize(compiled)
+    start = time.perf_counter()
+    serialize_executable.deserialize_and_load(*payload)
+    return time.perf_counter() - start
+
+
 # ----------------------------------------------------------------------------- worker (one row)
 # Runs in a subprocess whose `xpsr_jax` is the tree under test; uses only APIs both trees have.
 
 def _train_row(size: str) -> dict:
     import jax
-    import numpy as np
     from flax import nnx
 
     from xpsr_jax.configs.train import get_config
@@ -107,18 +129,102 @@ def _train_row(size: str) -> dict:
         schedule = noise_schedule_from_config(dict(beta_start=0.00085, beta_end=0.012,
                                                    beta_schedule="scaled_linear", num_train_timesteps=1000))
         batch_size, resolution = 1, int(config.pipeline.resolution)
-    images = np.zeros((batch_size, resolution, resolution, 3), np.float32)
-    ids = np.zeros((batch_size, 77), np.int32)
-    batch = {"pixel_values": images, "conditioning_pixel_values": images, "highlevel_input_ids": ids,
-             "lowlevel_input_ids": ids}
+    batch = _zero_batch(batch_size, resolution)
     lowered, lower_seconds = lower_train_step(config, graphdefs, schedule, mesh, state, frozen, batch)
     row = {"lower_s": lower_seconds, "stablehlo_ops": _stablehlo_ops(lowered),
            "trainable_tensors": len(jax.tree.leaves(state.params))}
     if size == "tiny":
+        options = _train_options(config, mesh)
         start = time.perf_counter()
-        compiled = lowered.compile()
-        row.update(compile_s=time.perf_counter() - start, fusions=_fusions(compiled))
+        compiled = lowered.compile(compiler_options=options)
+        row.update(compile_s=time.perf_counter() - start, fusions=_fusions(compiled), load_s=_load_seconds(compiled),
+                   step_ms=_step_ms(compiled, state, frozen, batch))
     return row
+
+
+def _train_options(config, mesh) -> dict | None:
+    """--train-options when given, else the options train.py compiles with (trees from before
+    `train_compiler_options` compile with XLA's defaults)."""
+    if os.environ.get(OPTIONS_ENV):
+        return json.loads(os.environ[OPTIONS_ENV]) or None
+    try:
+        from xpsr_jax.training.step import train_compiler_options
+    except ImportError:
+        return None
+    return train_compiler_options(config, mesh)
+
+
+def _step_ms(compiled, state, frozen, batch, steps: int = 12) -> float:
+    """Median milliseconds of a step after two warm-up steps (the state is donated and replaced)."""
+    import jax
+
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[2:])
+
+
+def _part_row(part: str) -> dict:
+    """One part of the tiny train step jitted and compiled alone, with the train step's options."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from xpsr_jax.configs.train import get_config
+    from xpsr_jax.models.tiny import write_tiny_model
+    from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
+    from xpsr_jax.training import create_train_state, load_training_models, make_mesh, make_optimizer
+    from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
+    from xpsr_jax.training.step import flat_layout, merge_models
+
+    config = get_config("tiny")
+    paths = write_tiny_model(tempfile.mkdtemp(prefix="compile_time_"))
+    models = load_training_models(str(paths.sd15), "", config.model.to_dict(), attention_backend="xla")
+    schedule = noise_schedule_from_config(load_scheduler_config(paths.sd15 / "scheduler"))
+    mesh = make_mesh(config.mesh)
+    state, frozen, graphdefs = create_train_state(models, config, mesh)
+    layout = flat_layout(state.params, mesh, config)
+    tx = make_optimizer(config.optimizer, int(config.total_steps))
+    batch = _zero_batch(int(config.pipeline.batch_size), int(config.pipeline.resolution))
+
+    def loss(params, key):
+        vae = nnx.merge(graphdefs["vae"], frozen["vae"])
+        draws = sample_loss_draws(key, batch["pixel_values"].shape[0],
+                                  latent_shape_for(vae, batch["pixel_values"].shape), schedule.num_train_timesteps)
+        return xpsr_loss(merge_models(graphdefs, params, frozen), batch, draws, noise_schedule=schedule,
+                         dfc_weight=float(config.loss.dfc_weight))
+
+    def optimizer(params, grads, opt_state):
+        old = layout.flatten(params)
+        updates, opt_state = tx.update(layout.flatten(grads), opt_state, old)
+        return layout.unflatten(optax.apply_updates(old, updates)), opt_state
+
+    key = jax.random.key(0)
+    function, args = {
+        "part: loss forward": (lambda p, k: loss(p, k)[0], (state.params, key)),
+        "part: forward+backward": (lambda p, k: jax.value_and_grad(loss, has_aux=True)(p, k), (state.params, key)),
+        "part: optimizer": (optimizer, (state.params, state.params, state.opt_state)),
+        "part: split back": (lambda flat: layout.unflatten(jax.tree.map(lambda x: x * 2, flat)),
+                             (layout.flatten(state.params),)),
+    }[part]
+    start = time.perf_counter()
+    lowered = jax.jit(function).lower(*args)
+    lower_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options=_train_options(config, mesh))
+    return {"lower_s": lower_seconds, "compile_s": time.perf_counter() - start, "fusions": _fusions(compiled)}
+
+
+def _zero_batch(batch_size: int, resolution: int) -> dict:
+    import numpy as np
+
+    images = np.zeros((batch_size, resolution, resolution, 3), np.float32)
+    ids = np.zeros((batch_size, 77), np.int32)
+    return {"pixel_values": images, "conditioning_pixel_values": images, "highlevel_input_ids": ids,
+            "lowlevel_input_ids": ids}
 
 
 def _sample_row() -> dict:
@@ -138,7 +244,8 @@ def _sample_row() -> dict:
     done = next(m for m in messages if m.startswith("compiled"))
     lower = float(re.search(r"tracing and lowering ([\d.]+) s", done).group(1))
     compiled = list(pipeline._compiled.values())[-1]  # the sampler just compiled
-    return {"lower_s": lower, "compile_s": pipeline.compile_seconds - lower, "fusions": _fusions(compiled)}
+    return {"lower_s": lower, "compile_s": pipeline.compile_seconds - lower, "fusions": _fusions(compiled),
+            "load_s": _load_seconds(compiled)}
 
 
 def worker(row: str) -> dict:
@@ -149,6 +256,8 @@ def worker(row: str) -> dict:
         return _train_row("tiny")
     if row == "sample tiny":
         return _sample_row()
+    if row in PARTS:
+        return _part_row(row)
     return _train_row("sd15")
 
 
@@ -162,8 +271,10 @@ def _checkout(revision: str, into: Path) -> str:
     return commit
 
 
-def _measure(tree: Path, row: str, timeout: float) -> dict:
+def _measure(tree: Path, row: str, timeout: float, train_options: str | None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    if train_options is not None:
+        env[OPTIONS_ENV] = train_options
     done = subprocess.run([sys.executable, __file__, "--worker", row], cwd=tree, env=env, capture_output=True,
                           text=True, timeout=timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
@@ -191,7 +302,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--baseline", default="HEAD~1", help="commit to compare with ('none': this tree only)")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS + PARTS)
+    parser.add_argument("--train-options", help="XLA options (JSON) for the train step rows instead of the ones "
+                        "train.py uses, in both trees; '{}' = XLA's defaults")
     parser.add_argument("--rounds", type=int, default=1, help="alternating measurements of each tree per row")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per measurement")
     parser.add_argument("--json", help="append one record per row and tree here")
@@ -212,15 +325,16 @@ def main(argv=None) -> int:
         for row in args.rows:
             for round_ in range(args.rounds):
                 for name, tree in trees.items():
-                    result = _measure(tree, row, args.timeout)
+                    result = _measure(tree, row, args.timeout, args.train_options)
                     results[row, name].append(result)
                     print(f"  {row}, {name}, round {round_ + 1}: {result}", file=sys.stderr, flush=True)
     print(f"\nCompile time, {os.cpu_count()} CPUs, load {load:.1f} at start, median of {args.rounds} round(s); "
           f"baseline {label}\n")
-    columns = ["row", "tracing+lowering s", "XLA compile s", "total s", "XLA fusions", "StableHLO ops"]
+    columns = ["row", "tracing+lowering s", "XLA compile s", "total s", "cache load s", "step ms", "XLA fusions",
+               "StableHLO ops"]
     if "baseline" in trees:
-        columns += ["baseline: tracing+lowering s", "XLA compile s", "total s", "XLA fusions", "StableHLO ops",
-                    "total: this / baseline"]
+        columns += ["baseline: tracing+lowering s", "XLA compile s", "total s", "cache load s", "step ms",
+                    "XLA fusions", "StableHLO ops", "total: this / baseline"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in args.rows:
@@ -233,13 +347,15 @@ def main(argv=None) -> int:
                     handle.write(json.dumps({"row": row, "tree": name if name == "this" else label,
                                              "runs": results[row, name]}) + "\n")
             if not runs:
-                cells += [f"error: {results[row, name][0]['error']}"] + ["n/a"] * 4
+                cells += [f"error: {results[row, name][0]['error']}"] + ["n/a"] * 6
                 totals.append(None)
                 continue
             lower, compile_ = _median(runs, "lower_s"), _median(runs, "compile_s")
             total = lower + compile_ if compile_ is not None else None
             totals.append(total)
-            cells += [_cell(lower), _cell(compile_), _cell(total), _cell(_median(runs, "fusions"), 0),
+            cells += [_cell(lower), _cell(compile_), _cell(total), _cell(_median(runs, "load_s")),
+                      _cell(_median(runs, "step_ms")),
+                      _cell(_median(runs, "fusions"), 0),
                       _cell(_median(runs, "stablehlo_ops"), 0)]
         if "baseline" in trees:
             cells.append(_ratio(totals[0], totals[1]) if totals[1] is not None else

@@ -183,6 +183,33 @@ def test_learning_rate_schedules_match_diffusers():
         make_optimizer(config, 12)
 
 
+def test_the_cpu_train_step_compiles_with_the_fast_compile_options(run):
+    """On CPU the step compiles without YNNPACK fusions (CPU_FAST_COMPILE_OPTIONS): the options reach
+    XLA, XLA's default would have them, and the config key turns the options off."""
+    import ml_collections
+
+    from xpsr_jax.configs import train as train_configs
+    from xpsr_jax.training.config import ConfigError, validate_train_config
+    from xpsr_jax.training.step import CPU_FAST_COMPILE_OPTIONS, compile_train_step, train_compiler_options
+
+    config, mesh = run["config"], run["mesh"]
+    assert train_compiler_options(config, mesh) == CPU_FAST_COMPILE_OPTIONS
+    assert "__ynn_fusion" not in run["step"].compiled.as_text()
+    lowered = jax.jit(lambda a, b: jax.nn.relu(a @ b)).lower(jnp.ones((64, 64)), jnp.ones((64, 64)))
+    assert "__ynn_fusion" in compile_train_step(lowered).compiled.as_text()  # XLA:CPU's default
+    assert "__ynn_fusion" not in compile_train_step(lowered, compiler_options=CPU_FAST_COMPILE_OPTIONS).compiled.as_text()
+    off = config.copy_and_resolve_references()
+    off.xla_cpu_fast_compile = False
+    assert train_compiler_options(off, mesh) is None
+
+    shipped = train_configs.get_config("tiny")
+    shipped.base_model = shipped.pipeline.data_dir = shipped.pipeline.tokenizer_path = "unused"
+    validate_train_config(shipped, check_paths=False)
+    bad = ml_collections.ConfigDict({**shipped.to_dict(), "xla_cpu_fast_compile": "yes"})  # e.g. a config file's typo
+    with pytest.raises(ConfigError, match="xla_cpu_fast_compile='yes' is invalid; valid: true or false"):
+        validate_train_config(bad, check_paths=False)
+
+
 def test_mesh_shapes_and_partition_rule():
     assert mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2)
     with pytest.raises(ValueError, match="mesh.fsdp=3"):

@@ -98,6 +98,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # XLA's persistent compilation cache: "default" = WORKDIR/compile_cache (a resumed run, or
     # every host of a pod sharing the workdir, reads the compiled step), a folder, or "" for none.
     config.compile_cache = "default"
+    # On CPU devices only: the train step compiles with LLVM at level 1 and without YNNPACK
+    # fusions (a faster compile, and a cached step loads in ~8 s instead of ~25 s; same step time).
+    config.xla_cpu_fast_compile = True
     config.remat = config_dict.ConfigDict()
     config.remat.unet = "attention"
     config.remat.controlnet = "attention"

@@ -194,6 +194,8 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
     _check_choice(config, "attention_backend", ATTENTION_BACKENDS)
     if not isinstance(config.get("compile_cache", "default"), str):
         raise _bad("compile_cache", config.compile_cache, '"default" (WORKDIR/compile_cache), a folder, or "" (off)')
+    if not isinstance(config.get("xla_cpu_fast_compile", True), bool):
+        raise _bad("xla_cpu_fast_compile", config.xla_cpu_fast_compile, "true or false")
 
     _check_int(config, "validation.every", 0)
     _check_int(config, "validation.num_images", 1)

@@ -42,6 +42,13 @@ from xpsr_jax.training.trainable import MODEL_NAMES, split_trainable
 TRAINABLE_MODELS = ("unet", "controlnet")
 LOSS_SCALING = ("none", "dynamic")
 
+# XLA options for a train step on CPU devices (config key `xla_cpu_fast_compile`; figures in
+# benchmarks/README.md, "Compile time"). Without YNNPACK fusions the tiny step loads from the
+# compile cache in about 8 s instead of 25-28 s: XLA:CPU's loader searches the whole program once
+# per YNNPACK fusion. LLVM at optimisation level 1 then compiles it faster (39 s vs 44 s) at no
+# cost in step time; level 0 is faster still but triples the step.
+CPU_FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 1, "xla_cpu_experimental_ynn_fusion_type": ""}
+
 
 @struct.dataclass
 class TrainState:
@@ -301,11 +308,23 @@ def lower_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: 
     return lowered, time.perf_counter() - start
 
 
-def compile_train_step(lowered: Any, lower_seconds: float = 0.0) -> CompiledTrainStep:
-    """XLA-compiles a `lower_train_step` result; compile_seconds counts the lowering too."""
+def train_compiler_options(config: Any, mesh: Mesh) -> dict | None:
+    """The XLA options the train step compiles with: CPU_FAST_COMPILE_OPTIONS when every device
+    of `mesh` is a CPU and `xla_cpu_fast_compile` is on, else None (XLA's defaults)."""
+    if not config.get("xla_cpu_fast_compile", True):
+        return None
+    if {device.platform for device in mesh.devices.flat} != {"cpu"}:
+        return None
+    return dict(CPU_FAST_COMPILE_OPTIONS)
+
+
+def compile_train_step(lowered: Any, lower_seconds: float = 0.0,
+                       compiler_options: Mapping[str, Any] | None = None) -> CompiledTrainStep:
+    """XLA-compiles a `lower_train_step` result (with `train_compiler_options`, which are part of
+    the compile cache's key); compile_seconds counts the lowering too."""
     start = time.perf_counter()
     with watch_compile() as record:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=dict(compiler_options) if compiler_options else None)
     return CompiledTrainStep(compiled=compiled, compile_seconds=lower_seconds + time.perf_counter() - start,
                              flops=_flops(compiled), lower_seconds=lower_seconds, cache=record.describe())
 
@@ -314,7 +333,8 @@ def make_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: A
                     state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> CompiledTrainStep:
     """The train step lowered (`lower_train_step`) and compiled now for the shapes of
     (state, frozen, batch)."""
-    return compile_train_step(*lower_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, batch))
+    return compile_train_step(*lower_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, batch),
+                              compiler_options=train_compiler_options(config, mesh))
 
 
 def _per_device_bytes(tree: Any) -> int:
