@@ -70,6 +70,22 @@ def _load_seconds(compiled) -> float:
 # ----------------------------------------------------------------------------- worker (one row)
 # Runs in a subprocess whose `xpsr_jax` is the tree under test; uses only APIs both trees have.
 
+def _tiny_training():
+    """The quickstart's training setup on a fresh tiny model: (config, mesh, noise schedule, state,
+    frozen, graphdefs)."""
+    from xpsr_jax.configs.train import get_config
+    from xpsr_jax.models.tiny import write_tiny_model
+    from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
+    from xpsr_jax.training import create_train_state, load_training_models, make_mesh
+
+    config = get_config("tiny")
+    paths = write_tiny_model(tempfile.mkdtemp(prefix="compile_time_"))
+    models = load_training_models(str(paths.sd15), "", config.model.to_dict(), attention_backend="xla")
+    schedule = noise_schedule_from_config(load_scheduler_config(paths.sd15 / "scheduler"))
+    mesh = make_mesh(config.mesh)
+    return (config, mesh, schedule, *create_train_state(models, config, mesh))
+
+
 def _train_row(size: str) -> dict:
     import jax
     from flax import nnx
@@ -80,16 +96,7 @@ def _train_row(size: str) -> dict:
     from xpsr_jax.training.step import lower_train_step, split_models
 
     if size == "tiny":
-        from xpsr_jax.models.tiny import write_tiny_model
-        from xpsr_jax.schedulers import load_scheduler_config
-        from xpsr_jax.training import load_training_models
-
-        config = get_config("tiny")
-        paths = write_tiny_model(tempfile.mkdtemp(prefix="compile_time_"))
-        models = load_training_models(str(paths.sd15), "", config.model.to_dict(), attention_backend="xla")
-        schedule = noise_schedule_from_config(load_scheduler_config(paths.sd15 / "scheduler"))
-        mesh = make_mesh(config.mesh)
-        state, frozen, graphdefs = create_train_state(models, config, mesh)
+        config, mesh, schedule, state, frozen, graphdefs = _tiny_training()
         batch_size, resolution = int(config.pipeline.batch_size), int(config.pipeline.resolution)
     else:  # SD 1.5 size from shapes: the state is built under eval_shape, nothing is allocated
         import jax.numpy as jnp
@@ -173,19 +180,11 @@ def _part_row(part: str) -> dict:
     import optax
     from flax import nnx
 
-    from xpsr_jax.configs.train import get_config
-    from xpsr_jax.models.tiny import write_tiny_model
-    from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
-    from xpsr_jax.training import create_train_state, load_training_models, make_mesh, make_optimizer
+    from xpsr_jax.training import make_optimizer
     from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
     from xpsr_jax.training.step import flat_layout, merge_models
 
-    config = get_config("tiny")
-    paths = write_tiny_model(tempfile.mkdtemp(prefix="compile_time_"))
-    models = load_training_models(str(paths.sd15), "", config.model.to_dict(), attention_backend="xla")
-    schedule = noise_schedule_from_config(load_scheduler_config(paths.sd15 / "scheduler"))
-    mesh = make_mesh(config.mesh)
-    state, frozen, graphdefs = create_train_state(models, config, mesh)
+    config, mesh, schedule, state, frozen, graphdefs = _tiny_training()
     layout = flat_layout(state.params, mesh, config)
     tx = make_optimizer(config.optimizer, int(config.total_steps))
     batch = _zero_batch(int(config.pipeline.batch_size), int(config.pipeline.resolution))
