@@ -320,8 +320,9 @@ def train_compiler_options(config: Any, mesh: Mesh) -> dict | None:
 
 def compile_train_step(lowered: Any, lower_seconds: float = 0.0,
                        compiler_options: Mapping[str, Any] | None = None) -> CompiledTrainStep:
-    """XLA-compiles a `lower_train_step` result (with `train_compiler_options`, which are part of
-    the compile cache's key); compile_seconds counts the lowering too."""
+    """XLA-compiles a `lower_train_step` result with `compiler_options` (XLA options, e.g.
+    `train_compiler_options`; part of the compile cache's key); compile_seconds counts the
+    lowering too."""
     start = time.perf_counter()
     with watch_compile() as record:
         compiled = lowered.compile(compiler_options=dict(compiler_options) if compiler_options else None)
