@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import warnings
 import pathlib
 import subprocess
@@ -189,8 +192,15 @@ def bad_input_dirs(tmp_path, image_dirs):
         json.dumps({"image_id": "img000", "source": "lr", "task": "highlevel", "text": "x",
                     "model": "m", "question": "What is this?"}) + "\n"
     )
+    folder = tmp_path / "folder.jsonl"
+    folder.mkdir()
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop.name)
+    raising_config = tmp_path / "raising_config.py"
+    raising_config.write_text("def get_config(arg=None):\n    raise RuntimeError('boom')\n")
     return {"lr": str(image_dirs["lr"]), "empty": str(empty), "twins": str(twins),
-            "missing": str(tmp_path / "missing"), "wrong_question": str(wrong_question)}
+            "missing": str(tmp_path / "missing"), "wrong_question": str(wrong_question), "folder": str(folder),
+            "loop": str(loop), "raising_config": str(raising_config), "bad_text": os.fsdecode(b"what \xff is it")}
 
 
 @pytest.mark.parametrize(
@@ -206,6 +216,14 @@ def bad_input_dirs(tmp_path, image_dirs):
         (["--lr-dir", "{lr}", "--model", "{missing}"], "model folder '{missing}' does not exist"),
         (["--lr-dir", "{lr}", "--output", "{wrong_question}"], "question 'What is this?'"),
         (["--merge", "{missing}"], "caption file '{missing}' does not exist"),
+        (["--lr-dir", "{lr}", "--output", "{folder}"], "caption file '{folder}' is a folder, not a JSONL file"),
+        (["--lr-dir", "{lr}", "--output", "{loop}"], "caption file '{loop}' is a link to nothing or a link loop"),
+        (["--merge", "{wrong_question}", "--output", "{folder}"], "caption file '{folder}' is a folder"),
+        (["--lr-dir", "{lr}", "--do-sample", "--temperature", "nan"],
+         "--temperature must be a finite number > 0 with --do-sample, got nan"),
+        (["--lr-dir", "{lr}", "--do-sample", "--top-p", "2"], "--top-p must be in (0, 1] with --do-sample, got 2.0"),
+        (["--lr-dir", "{lr}", "--question", "{bad_text}"], "is not valid text"),
+        (["--lr-dir", "{lr}", "--config", "{raising_config}"], "raised RuntimeError: boom"),
     ],
 )
 def test_bad_input_exits_with_a_message_naming_it(argv, message, bad_input_dirs, tmp_path, capsys):
@@ -335,3 +353,70 @@ def test_a_whole_last_record_without_newline_is_kept_and_appends_start_a_new_lin
     with pytest.warns(UserWarning, match="partial last line .* not a whole record"):
         records, _ = caption_io.read_records(path)
     assert len(records) == 1
+
+
+def test_a_rerun_never_keeps_the_captions_of_another_model_or_of_a_changed_image(
+    tiny_llava_dir, image_dirs, tmp_path, capsys  # noqa: F811
+):
+    lr = tmp_path / "LR"
+    shutil.copytree(image_dirs["lr"], lr)
+    other_model = shutil.copytree(tiny_llava_dir, tmp_path / "other_model")
+    output = tmp_path / "captions.jsonl"
+    args = ["--lr-dir", str(lr), "--output", str(output), "--max-new-tokens", "8", "--batch-size", "5"]
+    assert main(["--model", tiny_llava_dir, *args]) == 0
+    made = output.read_text()
+    with pytest.raises(SystemExit) as exit_info:  # its captions would be kept as the other model's
+        main(["--model", str(other_model), *args])
+    assert exit_info.value.code == 2 and output.read_text() == made
+    assert f"made by the model {tiny_llava_dir!r}" in capsys.readouterr().err
+    # img001 replaced under the same name: its record is dropped (file rewritten) and made again.
+    Image.fromarray(255 - np.asarray(Image.open(lr / "img001.png"))).save(lr / "img001.png")
+    assert main(["--model", tiny_llava_dir, *args]) == 0
+    assert "1 record(s)" in capsys.readouterr().err
+    records = read_jsonl(output)
+    assert [r["image_id"] for r in records].count("img001") == 1 and len(records) == NUM_IMAGES
+    digests = {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in lr.iterdir()}
+    assert all(r["image_sha256"] == digests[r["image_id"]] for r in records)
+    # A record without the hash (written by hand, or by an older version) is kept: the field is optional.
+    output.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "image_sha256"}) + "\n"
+                              for r in records))
+    assert main(["--model", tiny_llava_dir, *args]) == 0
+    assert len(read_jsonl(output)) == NUM_IMAGES and "0 to caption" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(
+    tiny_llava_dir, image_dirs, tmp_path, capsys, monkeypatch  # noqa: F811
+):
+    from xpsr_jax.captions import batches
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(batches, "load_captioner", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    args = ["--model", tiny_llava_dir, "--lr-dir", str(image_dirs["lr"])]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--output", str(a_file / "captions.jsonl")])
+    assert exit_info.value.code == 2
+    assert f"cannot write the caption file {str(a_file / 'captions.jsonl')!r}" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)]).returncode != 0:
+        pytest.skip("chattr +i (an immutable folder) needs root on ext4")
+    try:
+        with pytest.raises(SystemExit):
+            main([*args, "--output", str(locked / "captions.jsonl")])
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert "(Operation not permitted)" in capsys.readouterr().err and not any(locked.iterdir())
+
+
+def test_records_with_and_without_the_provenance_fields_are_valid():
+    from xpsr_jax.captions.io import validate_record
+
+    record = _record("x", "one")
+    assert validate_record(record, "f:1") == record
+    assert validate_record({**record, "image_sha256": "ab" * 32, "model_fingerprint": "cd" * 32}, "f:1")
+    with pytest.raises(CaptionInputError, match="field 'image_sha256' must be a string"):
+        validate_record({**record, "image_sha256": 3}, "f:1")

@@ -84,7 +84,18 @@ def test_uploads_and_settings_are_refused_with_a_message_naming_what_is_wrong(pi
         (lambda: Settings.parse("ddpm", "x", 4.5, 0, "adain", True, 16), "steps: 'x' is not a number"),
         (lambda: Settings.parse("ddpm", 2.5, 4.5, 0, "adain", True, 16), "steps: 2.5 is not a whole number"),
         (lambda: Settings.parse("ddpm", 2, float("nan"), 0, "adain", True, 16), "guidance: nan is not a finite"),
-        (lambda: Settings.parse("ddpm", 2, 4.5, -1, "adain", True, 16), "seed: -1 is negative"),
+        (lambda: Settings.parse("ddpm", 2, 4.5, -1, "adain", True, 16), r"seed: -1 is out of range; give an integer "
+                                                                          r"in \[0, 4294967295\]"),
+        (lambda: Settings.parse("ddpm", 2, 4.5, 2**32, "adain", True, 16), "seed: 4294967296 is out of range"),
+        (lambda: Settings.parse("ddpm", 2, 4.5, 2**64, "adain", True, 16), "seed: 18446744073709551616 is out of"),
+        (lambda: Settings.parse("ddpm", 2, 4.5, 10**400, "adain", True, 16), r"seed: 1000.*\.\.\. is out of range"),
+        (lambda: Settings.parse("ddpm", 2, 10**400, 0, "adain", True, 16), r"guidance: 1000.*\.\.\. is not a finite"),
+        (lambda: Settings.parse("ddpm", 2, 1e308, 0, "adain", True, 16).recipe(pipeline.config),
+         r"guidance_scale=1e\+308 is invalid; valid: a finite number >= 0 and at most 3.403e\+38 \(float32"),
+        (lambda: service.super_resolve(lr_image(), ["a", "house"], "blurry", service.default_settings()),
+         "high-level prompt: give text, not list"),
+        (lambda: service.super_resolve(lr_image(), "a house", {"x": 1}, service.default_settings()),
+         "low-level prompt: give text, not dict"),
         (lambda: Settings.parse("ddpm", 0, 4.5, 0, "adain", True, 16).recipe(pipeline.config),
          "num_inference_steps=0 is invalid"),
         (lambda: service.caption(lr_image()), "no captioner"),
@@ -94,6 +105,34 @@ def test_uploads_and_settings_are_refused_with_a_message_naming_what_is_wrong(pi
             call()
     lr = service.read_upload(str(save(tmp_path / "ok.jpg", lr_image())), "ok.jpg")
     assert lr.shape == (16, 20, 3)
+
+
+def test_a_huge_upload_is_refused_from_its_header_without_decoding(pipeline, tmp_path, monkeypatch):
+    """A 9000 x 9000 px PNG is 1 MB: decoding and resizing it held the one-at-a-time queue for a
+    minute before the size check; now the header says no (the decoder, patched to fail, never runs)."""
+    from xpsr_jax.demo import service as service_module
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((9000, 9000, 3), np.uint8)).save(path, compress_level=1)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an upload refused by its header")
+
+    monkeypatch.setattr(service_module, "read_rgb", no_decoding)
+    with pytest.raises(UploadError, match=r"huge.png: 9000x9000 px input makes a 36000x36000 px image .* over "
+                                          "max_output_pixels=40,000"):
+        DemoService(pipeline, output_dir=tmp_path).read_upload(str(path), "huge.png")
+
+
+def test_a_recipe_that_overflows_is_an_error_naming_the_settings_not_a_black_image(pipeline, tmp_path):
+    """guidance 1e30 is finite in float32, but the guided noise is not: the request fails with the
+    cause, and no PNG is written."""
+    service = DemoService(pipeline, output_dir=tmp_path)
+    settings = Settings.parse("ddpm", 2, 1e30, 0, "adain", True, 16)
+    with pytest.raises(UploadError, match=r"the sampled image holds NaN or inf values, so none was written; the "
+                                          r"weights are finite, so the settings overflowed: guidance_scale=1e\+30"):
+        service.super_resolve(lr_image(), "a house", "blurry", settings)
+    assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +197,18 @@ def test_the_demo_api_returns_x4_images_reuses_compiled_sizes_and_answers_bad_in
     with pytest.raises(AppError, match="steps: 'many' is not a number"):
         client.predict(handle_file(str(path)), "a", "b", "ddpm", "many", 4.5, 0, "adain", True, 16,
                        api_name="/super_resolve")
+    # Through the API, values the page's controls never send: each is a message, not a traceback.
+    for seed, message in [(2**64, "seed: 18446744073709551616 is out of range"),
+                          (2**32, "seed: 4294967296 is out of range")]:
+        with pytest.raises(AppError, match=message):
+            predict(client, path, seed=seed)
+    with pytest.raises(AppError, match=r"guidance_scale=1e\+308 is invalid"):
+        client.predict(handle_file(str(path)), "a", "b", "ddpm", 2, 1e308, 0, "adain", True, 16,
+                       api_name="/super_resolve")
+    for highlevel, lowlevel, message in [(["a", "b"], "", "high-level prompt: give text, not list"),
+                                         ("", {"text": "b"}, "low-level prompt: give text, not dict")]:
+        with pytest.raises(AppError, match=message):
+            predict(client, path, highlevel=highlevel, lowlevel=lowlevel)
     assert "Traceback" not in demo_server.output()
 
 

@@ -181,3 +181,135 @@ def test_a_prompt_file_that_is_not_utf8_fails_only_its_image_when_captioning(tmp
     assert asked == {"highlevel": ["plain"], "lowlevel": ["plain"]}
     with pytest.raises(UnicodeDecodeError):
         prompts.prompts(root / "LR" / "broken.png")  # the main loop turns this into one error line
+
+
+class StoppedBeforeSR(Exception):
+    """Raised where infer.py would load the SR networks: the captions stage is what is tested."""
+
+
+def caption_only(tiny, photos, out, llava, monkeypatch, *extra) -> tuple[int | None, str, str]:
+    """infer.py --captioner through its command line up to the SR model load (None: it got there)."""
+    def stop(*args, **kwargs):
+        raise StoppedBeforeSR
+
+    monkeypatch.setattr(cli.XPSRPipeline, "from_pretrained", stop)
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        try:
+            code = infer_main(tiny, photos, out, llava, *extra)
+        except StoppedBeforeSR:
+            code = None
+    return code, printed.getvalue(), errors.getvalue()
+
+
+def infer_main(tiny, photos, out, llava, *extra) -> int:
+    return cli.main(["--weights", str(tiny.xpsr), "--sd15", str(tiny.sd15), "--input", str(photos),
+                     "--output", str(out), "--captioner", llava, "--config", str(REPO / "configs" / "infer.py:tiny"),
+                     "--config.captioner.max_new_tokens=6", "--config.captioner.batch_size=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def two_llavas(tiny_llava_dir, tmp_path_factory):  # noqa: F811
+    """Two folders holding the tiny LLaVA, so one can be changed."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("llavas")
+    return [shutil.copytree(tiny_llava_dir, root / name) for name in ("a", "b")]
+
+
+def test_captions_of_another_model_are_refused_not_reused(tiny, photos, tmp_path, monkeypatch, two_llavas):
+    model_a, model_b = map(str, two_llavas)
+    out = tmp_path / "out"
+    code, stdout, stderr = caption_only(tiny, photos, out, model_a, monkeypatch)
+    assert code is None and "captions: 6 made, 0 reused" in stdout, stdout + stderr
+    made = (out / "captions.jsonl").read_text()
+
+    # Another folder: its captions would be reused as B's ("6 reused"): one line instead, the file kept.
+    code, stdout, stderr = caption_only(tiny, photos, out, model_b, monkeypatch, "--overwrite")
+    assert code == 2 and "Traceback" not in stderr and "loading the captioning model" not in stdout
+    assert f"holds highlevel captions made by the model {model_a!r}" in stderr and f"not by {model_b!r}" in stderr
+    assert "use another --output, or remove" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    # The same folder now holding another model (here: another config) is caught by its fingerprint.
+    config = json.loads((two_llavas[0] / "config.json").read_text())
+    (two_llavas[0] / "config.json").write_text(json.dumps({**config, "note": "another model"}))
+    code, stdout, stderr = caption_only(tiny, photos, out, model_a, monkeypatch, "--overwrite")
+    assert code == 2 and f"made by the model in {model_a!r} when it held other files" in stderr, stderr
+    assert (out / "captions.jsonl").read_text() == made
+    assert len({r["model_fingerprint"] for r in records(out / "captions.jsonl")}) == 1
+
+
+def test_captions_of_other_images_under_the_same_names_are_made_again(tiny, photos, tmp_path, monkeypatch,
+                                                                     tiny_llava_dir):  # noqa: F811
+    out = tmp_path / "out"
+    assert caption_only(tiny, photos, out, tiny_llava_dir, monkeypatch)[0] is None
+    first = {(r["image_id"], r["task"]): r for r in records(out / "captions.jsonl")}
+    # lr2: the same names, chelsea another picture; astronaut's records as an older version wrote
+    # them (no image hash): both are made again, coffee's reused.
+    lr2 = tmp_path / "lr2"
+    lr2.mkdir()
+    for name in PHOTOS:
+        (lr2 / f"{name}.png").write_bytes((photos / f"{name}.png").read_bytes())
+    Image.open(photos / "chelsea.png").transpose(Image.FLIP_TOP_BOTTOM).save(lr2 / "chelsea.png")
+    older = [{k: v for k, v in r.items() if k != "image_sha256" or r["image_id"] != "astronaut"}
+             for r in records(out / "captions.jsonl")]
+    (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in older))
+    code, stdout, stderr = caption_only(tiny, lr2, out, tiny_llava_dir, monkeypatch, "--overwrite")
+    assert code is None, stdout + stderr
+    assert "4 record(s)" in stdout and "no longer match their image" in stdout
+    assert "captions: 4 made, 2 reused" in stdout
+    now = records(out / "captions.jsonl")
+    keys = [(r["image_id"], r["task"]) for r in now]
+    assert len(keys) == len(set(keys)) == 6  # the stale records are gone, not shadowed
+    assert first[("coffee", "lowlevel")]["image_sha256"] == caption_io_sha256(photos / "coffee.png")
+    assert all(r["image_sha256"] == caption_io_sha256(lr2 / f"{r['image_id']}.png") for r in now)
+    assert {k: r["text"] for k, r in zip(keys, now) if k[0] == "coffee"} == {
+        k: r["text"] for k, r in first.items() if k[0] == "coffee"}
+    assert len(caption_io.load_captions(out / "captions.jsonl")) == 6  # no conflicting captions
+    assert not (out / "captions.jsonl.tmp").exists()
+
+
+def caption_io_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_captions_file_that_is_a_folder_is_refused_before_any_model_loads(tiny, photos, tmp_path,
+                                                                           tiny_llava_dir):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    (out / "captions.jsonl").mkdir(parents=True)
+    environment = {k: v for k, v in os.environ.items() if k != "XPSR_DEBUG"}
+    done = subprocess.run([sys.executable, "infer.py", "--weights", str(tiny.xpsr), "--sd15", str(tiny.sd15),
+                           "--input", str(photos), "--output", str(out), "--captioner", tiny_llava_dir,
+                           "--config", "configs/infer.py:tiny"], cwd=REPO, env={**environment, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: caption file {str(out / 'captions.jsonl')!r} is a folder, not a JSONL file; captions made on the "
+        "fly are kept in that file: move it away or give another --output"]
+    assert "loading the captioning model" not in done.stdout and list(out.iterdir()) == [out / "captions.jsonl"]
+
+
+def test_a_link_loop_or_an_unwritable_captions_file_is_one_line_before_the_model_loads(
+        tiny, photos, tmp_path, monkeypatch, tiny_llava_dir):  # noqa: F811
+    import shutil
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "captions.jsonl").symlink_to("captions.jsonl")
+    code, stdout, stderr = caption_only(tiny, photos, out, tiny_llava_dir, monkeypatch)
+    assert code == 2 and "is a link to nothing or a link loop" in stderr, stderr
+    (out / "captions.jsonl").unlink()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)]).returncode != 0:
+        pytest.skip("chattr +i (an immutable folder) needs root on ext4")
+    try:
+        code, stdout, stderr = caption_only(tiny, photos, out, tiny_llava_dir, monkeypatch)
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    assert code == 2 and "Traceback" not in stderr and "loading the captioning model" not in stdout
+    assert f"cannot write the caption file {str(out / 'captions.jsonl')!r} (Operation not permitted)" in stderr

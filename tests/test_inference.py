@@ -623,6 +623,7 @@ def test_a_write_failing_mid_run_stops_cleanly_and_the_rerun_resumes(tmp_path, c
     """Disk full after the first image: one line naming the file, finished images kept; the rerun
     does the rest. The sampler is a stand-in (the host-side path and the CLI are real)."""
     from xpsr_jax.inference import cli
+    from xpsr_jax.inference.batching import SampledBatch
 
     config = get_config("tiny")
 
@@ -631,7 +632,11 @@ def test_a_write_failing_mid_run_stops_cleanly_and_the_rerun_resumes(tmp_path, c
             self.config, self.batch_size = config, 1
 
         def sample_batch(self, conditioning, highlevel, lowlevel, seeds, noise):
-            return np.zeros((len(conditioning), 4 * conditioning.shape[1], 4 * conditioning.shape[2], 3), np.uint8)
+            images = np.zeros((len(conditioning), 4 * conditioning.shape[1], 4 * conditioning.shape[2], 3), np.uint8)
+            return SampledBatch(images, np.ones(len(conditioning), bool))
+
+        def non_finite_cause(self):
+            return "never: every image here is finite"
 
     monkeypatch.setattr(cli.XPSRPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: FakeRunner()))
     real_write, written = cli.write_png_atomic, []

@@ -9,7 +9,8 @@ import stat
 import numpy as np
 import pytest
 
-from xpsr_jax.data.images import write_bytes_atomic, write_png_atomic
+from xpsr_jax.data.images import write_png_atomic
+from xpsr_jax.files import write_bytes_atomic
 from xpsr_jax.export.output import atomic_output_dir
 
 

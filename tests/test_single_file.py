@@ -176,3 +176,61 @@ def test_infer_and_the_training_config_take_the_single_file(tiny, diffusers_part
     resolved = resolve_train_config(config)
     assert Path(resolved.base_model).parent == tmp_path / "cache" / "xpsr_jax" / "sd15_single_file"
     check_base_model(resolved.base_model)
+
+
+def test_a_replaced_file_is_converted_again_even_with_its_size_and_mtime_restored(tiny, diffusers_parts,
+                                                                                    configs_only, tmp_path):
+    """The cache is keyed by the file's content: another file of the same size, put in place with
+    the old modification time, gets its own conversion (its weights, not the old ones); the same
+    file again is neither converted nor read whole again."""
+    import os
+
+    path = tmp_path / "model.safetensors"
+    write_state_dict(path, single_file_checkpoint(tiny, diffusers_parts))
+    logged = []
+    first = sd15_folder(path, config_folder=configs_only, cache_root=tmp_path / "cache", log=logged.append)
+    stat = path.stat()
+    changed = {part: dict(state) for part, state in diffusers_parts.items()}
+    changed["vae"]["decoder.conv_out.bias"] = changed["vae"]["decoder.conv_out.bias"] + np.float32(1.0)
+    write_state_dict(path, single_file_checkpoint(tiny, changed))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    second = sd15_folder(path, config_folder=configs_only, cache_root=tmp_path / "cache", log=logged.append)
+    assert second != first and len(logged) == 4
+    assert_same_parts(converted_parts(second), changed)
+    assert_same_parts(converted_parts(first), diffusers_parts)
+
+    import hashlib
+
+    reads = []
+    real_file_digest = hashlib.file_digest
+    hashlib.file_digest = lambda *args: reads.append(args) or real_file_digest(*args)
+    try:
+        assert sd15_folder(path, config_folder=configs_only, cache_root=tmp_path / "cache", log=logged.append) == second
+    finally:
+        hashlib.file_digest = real_file_digest
+    assert len(logged) == 4 and reads == []  # the digest of this version of the file is remembered
+
+
+def test_a_wrong_shape_tensor_is_named_against_the_single_file(tiny, diffusers_parts, configs_only, tmp_path):
+    checkpoint = single_file_checkpoint(tiny, diffusers_parts)
+    key = "first_stage_model.decoder.conv_out.weight"
+    checkpoint[key] = np.zeros((3, 1, 3, 3), np.float32)  # the model expects (3, C, 3, 3)
+    path = tmp_path / "bad.safetensors"
+    write_state_dict(path, checkpoint)
+    with pytest.raises(WeightFileError, match=rf"^{path} \(vae weights\): state dict does not match AutoencoderKL: "
+                                              r"1 mis-shaped tensor\(s\): decoder.conv_out.weight: file has "
+                                              r"\(3, 1, 3, 3\), model expects"):
+        sd15_folder(path, config_folder=configs_only, cache_root=tmp_path / "cache")
+    assert not any((tmp_path / "cache").glob("*/model_index.json"))
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tiny, diffusers_parts, configs_only, tmp_path):
+    path = tmp_path / "sd.safetensors"
+    write_state_dict(path, single_file_checkpoint(tiny, diffusers_parts))
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    with pytest.raises(WeightFileError, match=rf"{path}: cannot make the folder {blocker / 'cache'} for its "
+                                              r"converted copy \(a file is in the way\); set XDG_CACHE_HOME"):
+        sd15_folder(path, config_folder=configs_only, cache_root=blocker / "cache")
+    assert blocker.read_text() == "mine"

@@ -79,14 +79,17 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except (ImportError, SyntaxError, OSError) as error:
-        raise ConfigFlagError(f"--config={spec!r}: cannot load {path}: {error}") from error
+    except Exception as error:  # noqa: BLE001  (a user's config file may raise anything)
+        raise ConfigFlagError(f"--config={spec!r}: cannot load {path}: {type(error).__name__}: {error}") from error
     if not hasattr(module, "get_config"):
         raise ConfigFlagError(f"--config={spec!r}: {path} has no get_config()")
     try:
         return module.get_config(variants) if variants else module.get_config()
     except ValueError as error:  # e.g. an unknown variant
         raise ConfigFlagError(f"--config={spec!r}: {error}") from error
+    except Exception as error:  # noqa: BLE001  (a bug in a user's get_config: name it, no traceback)
+        raise ConfigFlagError(f"--config={spec!r}: get_config() of {path} raised {type(error).__name__}: "
+                              f"{error}") from error
 
 
 def check_override_keys(config: config_dict.ConfigDict, argv: Sequence[str]) -> None:
@@ -118,7 +121,8 @@ def parse_config_flags(argv: Sequence[str], *, default: str, prog: str = "xpsr_j
                                         flag_values=flag_values, lock_config=True, sys_argv=[prog, *config_args])
         flag_values([prog, *config_args])
         config = flag_values.config
-    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, FileNotFoundError, OSError) as error:
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OverflowError, FileNotFoundError,
+            OSError) as error:
         message = str(error).strip("'\"").replace("\\n", " ").replace("\\'", "'")
         message = message.splitlines()[0] if message else type(error).__name__
         raise ConfigFlagError(f"config flags: {message}") from error

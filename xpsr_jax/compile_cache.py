@@ -5,7 +5,9 @@ workdir) reads what the first run compiled; the other commands use the user cach
 (`$XDG_CACHE_HOME/xpsr_jax/jax_cache`, by default `~/.cache/xpsr_jax/jax_cache`). Each command's
 config key `compile_cache` moves it (a folder) or turns it off (""). A cache already chosen for the
 process (`JAX_COMPILATION_CACHE_DIR`, or a caller that enabled one first) is kept. JAX writes each
-entry atomically, so processes sharing a folder are safe.
+entry atomically, so processes sharing a folder are safe. A default folder that cannot be used
+(XDG_CACHE_HOME a file, a read-only home) costs a warning line, not the run; a folder the user
+named that cannot be used is an error naming it.
 
 `watch_compile()` tells whether a compile came from the cache, from JAX's own monitoring events.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -29,22 +33,65 @@ def user_cache_dir() -> Path:
     return Path(base) / "xpsr_jax" / "jax_cache"
 
 
-def cache_dir(setting: str, default: Path) -> Path | None:
-    """The folder a `compile_cache` setting names: "default" -> `default`, "" -> None (off)."""
+def cache_dir(setting: str, default: Path) -> Path | str | None:
+    """The folder a `compile_cache` setting names: "default" -> `default`, "" -> None (off); a
+    bucket (gs://...) stays a URL, which JAX's cache writes through etils."""
     if setting is None or str(setting).strip() == "":
         return None
-    return default if setting == DEFAULT else Path(setting).expanduser()
+    if setting == DEFAULT:
+        return default
+    return str(setting) if "://" in str(setting) else Path(setting).expanduser()
 
 
-def enable_compile_cache(folder: Path | None) -> Path | None:
+class CompileCacheError(ValueError):
+    """A compile cache folder the user named that cannot be used (the message says why)."""
+
+
+def _unusable(folder: Path | str) -> str | None:
+    """Why a local `folder` cannot hold the cache (None: it can): made if missing, and written to.
+    A bucket is left to JAX (it warns and goes on without the cache when it cannot write)."""
+    if isinstance(folder, str):
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        return "a file is in the way"
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def use_compile_cache(setting: str, default: Path, *,
+                      warn: Callable[[str], None] | None = None) -> Path | str | None:
+    """`enable_compile_cache` for a command's `compile_cache` setting ("default" -> `default`, a
+    folder, or "" for none). A folder the user named that cannot be used is a CompileCacheError;
+    the default folder that cannot be used (XDG_CACHE_HOME a file, a read-only home) is a warning
+    line, and the run goes on without a cache."""
+    explicit = setting not in (DEFAULT, None) and str(setting).strip() != ""
+    return enable_compile_cache(cache_dir(setting, default), explicit=explicit, warn=warn)
+
+
+def enable_compile_cache(folder: Path | str | None, *, explicit: bool = True,
+                         warn: Callable[[str], None] | None = None) -> Path | str | None:
     """Use `folder` as this process's persistent compilation cache, unless one is already set.
-    Returns the folder in use (None: off)."""
+    Returns the folder in use (None: off). A folder that cannot be made or written is a
+    CompileCacheError when `explicit`, else `warn(line)` (default: stderr) and no cache."""
     current = jax.config.jax_compilation_cache_dir
     if current:
-        return Path(current)
+        return current if "://" in current else Path(current)
     if folder is None:
         return None
-    folder.mkdir(parents=True, exist_ok=True)
+    reason = _unusable(folder)
+    if reason is not None:
+        if explicit:
+            raise CompileCacheError(f"compile_cache={folder}: cannot be used as the compile cache ({reason}); give a "
+                                    'folder that can be written, or "" for none')
+        (warn or _to_stderr)(f"warning: the compile cache {folder} cannot be used ({reason}); going on without one "
+                             '(every program compiles each run; set compile_cache to a writable folder, or "" for '
+                             "none)")
+        return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         # JAX keeps only programs that took >= 1 s; the small ones add up: the eager random init
@@ -53,6 +100,10 @@ def enable_compile_cache(folder: Path | None) -> Path | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.reset_cache()  # JAX decides once per process whether a cache is used
     return folder
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass

@@ -39,6 +39,7 @@ from xpsr_jax.compile_cache import enable_compile_cache
 from xpsr_jax.data import images, prepare, tfds_builder
 from xpsr_jax.evaluation.cli import main as evaluate_main
 from xpsr_jax.export.cli import main as export_main
+from xpsr_jax.files import IMAGE_SUFFIXES
 from xpsr_jax.inference.cli import main as infer_main
 from xpsr_jax.models.tiny import write_tiny_model
 from xpsr_jax.training.config import ConfigError
@@ -110,7 +111,7 @@ def _check_examples(examples: Path) -> tuple[Path, Path, int]:
         if not path.exists():
             raise QuickstartError(f"--examples {examples}: {path} is missing; the folder needs "
                                   f"{what} (see examples/README.md in the repository)")
-    files = sorted(p for p in hr_dir.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES)
+    files = sorted(p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise QuickstartError(f"--examples {examples}: {hr_dir} holds no images")
     # One crop per image, the largest square all of them hold (a multiple of the x4 scale),

@@ -4,7 +4,8 @@ fsynced before the next starts, so a killed run loses at most the batch in fligh
 
     CaptionSettings(...)                                    how to ask
     check_same_question(records, task, question, path, caption_transform)   no mixed studies in a file
-    caption_items(captioner, items, settings, writer, progress=None) -> int   records written
+    caption_items(captioner, items, settings, writer, progress=None) -> int   records written (each with the
+                                                     model's fingerprint and the image file's sha256)
     load_captioner(model_dir, question, settings) -> generate.Captioner
     with_question(captioner, question, settings) -> the same model asking another question
 """
@@ -12,6 +13,8 @@ fsynced before the next starts, so a killed run loses at most the batch in fligh
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import io as stdlib_io
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ class CaptionSettings:
     task: str
     question: str
     model_name: str  # recorded in each record
+    model_fingerprint: str = ""  # provenance.model_fingerprint of the folder; recorded when given
     question_preset: str = "official"  # "simple": answers cut to SIMPLE_WORD_LIMIT words
     caption_transform: str = ""  # a transforms spec: what the model sees
     batch_size: int = 8
@@ -54,17 +58,20 @@ def check_same_question(records: Iterable[dict], task: str, question: str, path,
             )
 
 
-def load_images(batch: list[work.WorkItem], caption_transforms=()) -> list[Image.Image]:
-    """Decoded RGB images of a batch, as the model is to see them (`caption_transforms` applied);
-    CaptionInputError names an unreadable file."""
-    images = []
+def load_images(batch: list[work.WorkItem], caption_transforms=()) -> tuple[list[Image.Image], list[str]]:
+    """Decoded RGB images of a batch, as the model is to see them (`caption_transforms` applied),
+    and the sha256 of each file's bytes (those decoded: what the caption is of); CaptionInputError
+    names an unreadable file."""
+    images, digests = [], []
     for item in batch:
         try:
-            with Image.open(item.path) as image:
+            data = item.path.read_bytes()
+            with Image.open(stdlib_io.BytesIO(data)) as image:
                 images.append(transforms.apply_transforms(image.convert("RGB"), caption_transforms))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise io.CaptionInputError(f"cannot read image {str(item.path)!r}: {error}") from None
-    return images
+        digests.append(hashlib.sha256(data).hexdigest())
+    return images, digests
 
 
 def prefetched(batches: Iterable, load: Callable, pool: concurrent.futures.Executor) -> Iterator:
@@ -89,18 +96,26 @@ def caption_items(captioner: generate.Captioner, items: list[work.WorkItem], set
     written = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         batches = work.batched(items, settings.batch_size)
-        for batch, images in prefetched(batches, lambda b: load_images(b, caption_transforms), pool):
+        for batch, (images, digests) in prefetched(batches, lambda b: load_images(b, caption_transforms), pool):
             texts = captioner.caption(images, settings.max_new_tokens, settings.do_sample, settings.temperature,
                                       settings.top_p)
             if settings.question_preset == "simple":
                 texts = [limit_words(text, SIMPLE_WORD_LIMIT) for text in texts]
-            writer.write({"image_id": item.image_id, "source": item.source, "task": settings.task, "text": text,
-                          "model": settings.model_name, "question": settings.question, "caption_transform": spec}
-                         for item, text in zip(batch, texts, strict=True))
+            writer.write(_record(item, text, digest, settings, spec)
+                         for item, text, digest in zip(batch, texts, digests, strict=True))
             written += len(batch)
             if progress is not None:
                 progress.update(len(batch))
     return written
+
+
+def _record(item: work.WorkItem, text: str, image_sha256: str, settings: CaptionSettings, spec: str) -> dict:
+    record = {"image_id": item.image_id, "source": item.source, "task": settings.task, "text": text,
+              "model": settings.model_name, "question": settings.question, "caption_transform": spec}
+    if settings.model_fingerprint:
+        record["model_fingerprint"] = settings.model_fingerprint
+    record["image_sha256"] = image_sha256
+    return record
 
 
 def load_captioner(model_dir: str, question: str, settings: CaptionSettings, device: str | None,

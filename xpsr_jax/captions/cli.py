@@ -9,6 +9,7 @@ See ``build_parser`` (``--help``) for the options and examples.
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -20,6 +21,7 @@ from xpsr_jax.captions import (
     batches,
     generate,  # torch-free until a model is needed
     io,
+    provenance,
     transforms,
     work,
 )
@@ -139,8 +141,11 @@ def config_from_args(args: argparse.Namespace) -> config_dict.ConfigDict:
     if args.config:
         try:
             loaded = load_config_file(args.config)
-        except ConfigFlagError as error:
+        except ConfigFlagError as error:  # a missing file, or one whose get_config() raises
             raise io.CaptionInputError(str(error)) from error
+        if not isinstance(loaded, (dict, config_dict.ConfigDict)):
+            raise io.CaptionInputError(f"--config {args.config}: get_config() returned a {type(loaded).__name__}, "
+                                       "not a ConfigDict")
         unknown = sorted(set(loaded) - set(config))
         if unknown:
             raise io.CaptionInputError(f"--config {args.config}: unknown caption keys {unknown}; valid: "
@@ -169,6 +174,41 @@ def check_numbers(config: config_dict.ConfigDict) -> None:
     if config.question_preset not in QUESTION_PRESETS:
         raise io.CaptionInputError(f"--question-preset {config.question_preset!r} is not one of "
                                    f"{', '.join(QUESTION_PRESETS)}")
+    # Checked here, not by generate() after the model has loaded.
+    if config.do_sample and not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise io.CaptionInputError(f"--temperature must be a finite number > 0 with --do-sample, "
+                                   f"got {config.temperature}")
+    if config.do_sample and not 0 < config.top_p <= 1:
+        raise io.CaptionInputError(f"--top-p must be in (0, 1] with --do-sample, got {config.top_p}")
+    for key in ("question", "prompt_template"):
+        if config[key] is not None and not is_unicode(config[key]):
+            raise io.CaptionInputError(f"--{key.replace('_', '-')} {config[key]!r} is not valid text (bytes in "
+                                       "another encoding than UTF-8)")
+
+
+def is_unicode(text: str) -> bool:
+    """False for command-line bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def drop_stale_records(existing: list[dict], items: list[work.WorkItem], task: str, out: pathlib.Path) -> list[dict]:
+    """`existing` without the records of images that changed since they were captioned (their
+    `image_sha256` is not the file's now), rewritten into `out` when there were any, so those images
+    are captioned again. Records without the hash (written by hand, or by an older version) are kept:
+    the field is optional in this file format."""
+    hashed = {io.record_key(r) for r in existing if r["task"] == task and r.get("image_sha256")}
+    current = {(item.image_id, item.source, task): provenance.file_sha256(item.path) for item in items
+               if (item.image_id, item.source, task) in hashed}
+    kept, stale = provenance.split_stale(existing, current, require_hash=False)
+    if stale:
+        io.replace_records(out, kept)
+        _say(f"{len(stale)} record(s) in {out} are of images that changed since (another file under the same "
+             "name): dropped, captioned again")
+    return kept
 
 
 def _say(message: str) -> None:
@@ -190,6 +230,10 @@ def run(config: config_dict.ConfigDict) -> pathlib.Path:
     question = question_for(config)
     existing = io.repair_partial_tail(out)
     batches.check_same_question(existing, config.task, question, out, transform_spec)
+    generate.check_model_dir(config.model)
+    fingerprint = provenance.model_fingerprint(config.model)
+    provenance.check_same_model(existing, config.task, config.model, fingerprint, out)
+    existing = drop_stale_records(existing, shard_items, config.task, out)
     todo = work.pending(shard_items, config.task, {io.record_key(r) for r in existing})
     _say(
         f"shard {config.shard}/{config.num_shards}: {len(shard_items)} of {len(items)} images, "
@@ -201,18 +245,18 @@ def run(config: config_dict.ConfigDict) -> pathlib.Path:
         return out
 
     settings = batches.CaptionSettings(
-        task=config.task, question=question, model_name=config.model, question_preset=config.question_preset,
-        caption_transform=transform_spec, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-        do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p,
-        prompt_template=config.prompt_template)
-    _say(f"loading {config.model}")
-    captioner = batches.load_captioner(config.model, question, settings, config.device, config.dtype)
-    if config.do_sample:
-        generate.import_torch().manual_seed(config.seed)
-
-    start = time.perf_counter()
-    with io.CaptionWriter(out) as writer, tqdm(total=len(todo), unit="img", desc=f"{config.task} captions") as bar:
-        batches.caption_items(captioner, todo, settings, writer, bar)
+        task=config.task, question=question, model_name=config.model, model_fingerprint=fingerprint,
+        question_preset=config.question_preset, caption_transform=transform_spec, batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, temperature=config.temperature,
+        top_p=config.top_p, prompt_template=config.prompt_template)
+    with io.CaptionWriter(out) as writer:  # opened before the model loads: an unwritable file fails first
+        _say(f"loading {config.model}")
+        captioner = batches.load_captioner(config.model, question, settings, config.device, config.dtype)
+        if config.do_sample:
+            generate.import_torch().manual_seed(config.seed)
+        start = time.perf_counter()
+        with tqdm(total=len(todo), unit="img", desc=f"{config.task} captions") as bar:
+            batches.caption_items(captioner, todo, settings, writer, bar)
     seconds = time.perf_counter() - start
     rate = len(todo) / seconds
     _say(f"wrote {len(todo)} captions to {out} in {seconds:.1f} s ({rate:.2f} img/s)")

@@ -65,7 +65,8 @@ def check_model_dir(path: str) -> pathlib.Path:
     """The local model folder; nothing is ever downloaded, so it must exist."""
     folder = pathlib.Path(path)
     if not (folder / "config.json").is_file():
-        what = "has no config.json" if folder.is_dir() else "does not exist"
+        what = "has no config.json" if folder.is_dir() else "is a file, not a folder" if folder.exists() else \
+            "does not exist"
         raise CaptionInputError(
             f"captioning model folder {path!r} {what}. Weights are never downloaded here: fetch "
             f"them beforehand, e.g. `hf download llava-hf/llava-1.5-7b-hf --local-dir {path}`, "

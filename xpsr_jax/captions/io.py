@@ -5,6 +5,10 @@ One record per line::
     {"image_id": str, "source": "lr"|"hr", "task": "highlevel"|"lowlevel",
      "text": str, "model": str, "question": str}
 
+and, optionally, ``caption_transform`` (what the model saw), ``model_fingerprint`` (of the model
+folder's files) and ``image_sha256`` (of the image file's bytes): what a resume checks before it
+reuses a record (see ``provenance``).
+
 A record is keyed by ``(image_id, source, task)``. Files are append-only and
 each record is one ``write`` ending in a newline, so a killed run can leave at
 most one partial last line; readers drop it, ``repair_partial_tail`` cuts it
@@ -15,6 +19,7 @@ Public API:
     read_records(path) -> tuple[list[dict], int]
     repair_partial_tail(path) -> list[dict]
     CaptionWriter(path).write(records)
+    replace_records(path, records)          the whole file, atomically
     shard_output_path(output, shard, num_shards) -> pathlib.Path
     merge_caption_files(paths, out) -> int
     load_captions(path_or_paths) -> dict[tuple[str, str, str], str]
@@ -31,9 +36,9 @@ from collections.abc import Iterable, Sequence
 from xpsr_jax.captions.config import TASKS
 from xpsr_jax.files import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 SOURCES = ("lr", "hr")
 RECORD_FIELDS = ("image_id", "source", "task", "text", "model", "question")
+OPTIONAL_FIELDS = ("caption_transform", "model_fingerprint", "image_sha256")  # strings when present
 
 PathLike = str | os.PathLike
 CaptionKey = tuple[str, str, str]  # (image_id, source, task)
@@ -49,7 +54,7 @@ def record_key(record: dict) -> CaptionKey:
 
 
 def list_images(folder: PathLike) -> list[pathlib.Path]:
-    """Image files directly in ``folder`` (see ``IMAGE_EXTENSIONS``), sorted by name.
+    """Image files directly in ``folder`` (see ``IMAGE_SUFFIXES``), sorted by name.
 
     Raises CaptionInputError when the folder is missing, holds no images, or
     two files share a stem (the stem is the image id).
@@ -58,12 +63,12 @@ def list_images(folder: PathLike) -> list[pathlib.Path]:
     if not folder.is_dir():
         raise CaptionInputError(f"image folder {str(folder)!r} does not exist or is not a folder")
     paths = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not paths:
         raise CaptionInputError(
             f"image folder {str(folder)!r} holds no images "
-            f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+            f"with extensions {', '.join(IMAGE_SUFFIXES)}"
         )
     by_stem: dict[str, pathlib.Path] = {}
     for path in paths:
@@ -85,7 +90,7 @@ def validate_record(record: object, where: str) -> dict:
         raise CaptionInputError(
             f"{where}: record lacks field(s) {missing}; needs {list(RECORD_FIELDS)}"
         )
-    for field in RECORD_FIELDS:
+    for field in (*RECORD_FIELDS, *(f for f in OPTIONAL_FIELDS if f in record)):
         if not isinstance(record[field], str):
             raise CaptionInputError(
                 f"{where}: field {field!r} must be a string, got {record[field]!r}"
@@ -97,6 +102,22 @@ def validate_record(record: object, where: str) -> dict:
     return record
 
 
+def check_caption_file(path: PathLike) -> None:
+    """CaptionInputError unless ``path`` is a regular file or does not exist: a folder, a link to
+    nothing or a link loop, a FIFO or device (reading it could block) are named."""
+    path = pathlib.Path(path)
+    if path.is_symlink() and not path.exists():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise CaptionInputError(f"caption file {str(path)!r} is a link to nothing or a link loop (-> {target})")
+    if path.is_dir():
+        raise CaptionInputError(f"caption file {str(path)!r} is a folder, not a JSONL file")
+    if path.exists() and not path.is_file():
+        raise CaptionInputError(f"caption file {str(path)!r} is not a regular file (a FIFO or device?)")
+
+
 def read_records(path: PathLike) -> tuple[list[dict], int]:
     """Records of a caption file and the byte length of its complete lines.
 
@@ -105,9 +126,13 @@ def read_records(path: PathLike) -> tuple[list[dict], int]:
     Any other unreadable line is an error. A missing file reads as empty.
     """
     path = pathlib.Path(path)
+    check_caption_file(path)
     if not path.exists():
         return [], 0
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CaptionInputError(f"caption file {str(path)!r}: cannot read it ({error.strerror or error})") from None
     complete_len = data.rfind(b"\n") + 1
     tail_record = None
     if complete_len < len(data) and data[complete_len:].strip():
@@ -144,18 +169,22 @@ def repair_partial_tail(path: PathLike) -> list[dict]:
     (so appends start on a line of their own), and returns the records."""
     records, complete_len = read_records(path)
     path = pathlib.Path(path)
-    if path.exists() and path.stat().st_size > complete_len:
-        with open(path, "r+b") as f:
-            f.truncate(complete_len)
-            f.flush()
-            os.fsync(f.fileno())
-    if complete_len:
-        with open(path, "r+b") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+    try:
+        if path.exists() and path.stat().st_size > complete_len:
+            with open(path, "r+b") as f:
+                f.truncate(complete_len)
                 f.flush()
                 os.fsync(f.fileno())
+        if complete_len:
+            with open(path, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+    except OSError as error:
+        raise CaptionInputError(f"caption file {str(path)!r}: cannot repair its last line ({error.strerror or error}); "
+                                "make it writable or give another file") from None
     return records
 
 
@@ -167,15 +196,26 @@ class CaptionWriter:
 
     def __init__(self, path: PathLike):
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")
+        check_caption_file(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")
+        except OSError as error:
+            raise CaptionInputError(f"cannot write the caption file {str(self.path)!r} "
+                                    f"({error.strerror or error}); make its folder writable or give another "
+                                    "file") from None
 
     def write(self, records: Iterable[dict]) -> None:
         """Appends ``records`` and makes them durable before returning."""
-        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
-        self._file.write("".join(lines).encode("utf-8"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = b"".join(encode_record(r) for r in records)
+        try:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:  # disk full, ...: what was written before stays, a rerun resumes
+            raise CaptionInputError(f"writing the caption file {str(self.path)!r} failed "
+                                    f"({error.strerror or error}); the records written before are kept: "
+                                    "rerun the same command to resume") from None
 
     def close(self) -> None:
         self._file.close()
@@ -185,6 +225,39 @@ class CaptionWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def encode_record(record: dict) -> bytes:
+    """One JSONL line. Text that is not valid Unicode (a file name or flag in another encoding) is
+    written as JSON escapes, so the line stays UTF-8 and reads back as the same string."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
+def replace_records(path: PathLike, records: Iterable[dict]) -> None:
+    """Writes ``records`` as the whole of ``path``, atomically: a temporary file beside it, fsynced,
+    renamed over it, the folder fsynced. A crash leaves the old file or the new one, never a mix."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # left over by an interrupted rewrite
+        with open(tmp, "wb") as f:
+            f.write(b"".join(encode_record(r) for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as error:
+        raise CaptionInputError(f"cannot rewrite the caption file {str(path)!r} ({error.strerror or error}); "
+                                "make its folder writable or give another file") from None
 
 
 def shard_output_path(output: PathLike, shard: int, num_shards: int) -> pathlib.Path:
@@ -211,6 +284,7 @@ def collect_records(paths: Sequence[PathLike]) -> dict[CaptionKey, dict]:
     for path in paths:
         if pathlib.Path(path).is_dir():
             raise CaptionInputError(f"caption file {str(path)!r} is a folder; give the captions JSONL file in it")
+        check_caption_file(path)
         if not pathlib.Path(path).is_file():
             raise CaptionInputError(f"caption file {str(path)!r} does not exist")
         records, _ = read_records(path)
@@ -245,13 +319,9 @@ def merge_caption_files(paths: Sequence[PathLike], out: PathLike) -> int:
         raise CaptionInputError("merge_caption_files needs at least one input file")
     records = collect_records(paths)
     out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # left over by an interrupted merge
+    check_caption_file(out)
     ordered = sorted(records.values(), key=lambda r: (r["task"], r["source"], r["image_id"]))
-    with CaptionWriter(tmp) as writer:
-        writer.write(ordered)
-    os.replace(tmp, out)
+    replace_records(out, ordered)
     return len(ordered)
 
 

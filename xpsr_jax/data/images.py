@@ -1,6 +1,7 @@
 """Lossless image I/O for the training data: read any HR file, PNG encode/decode, atomic writes.
 
     rgb = read_rgb(path)                    # (H, W, 3) uint8, raises ImageReadError
+    height, width = image_size(path)        # the same image's size, from the header only
     data = encode_png(rgb)                  # lossless 8-bit RGB PNG bytes
     rgb == decode_png(data)                 # bit-exact round trip
     data = rgb_png_bytes_of_file(path)      # the file's own bytes when already 8-bit RGB PNG
@@ -11,14 +12,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from xpsr_jax.files import IMAGE_SUFFIXES  # noqa: F401  (re-exported: data.images.IMAGE_SUFFIXES)
+from xpsr_jax.files import write_bytes_atomic
 
 # PNG zlib level: lossless at every level; 3 is ~3x faster to write than 9 for ~10% more bytes.
 _PNG_COMPRESSION = 3
@@ -26,6 +26,22 @@ _PNG_COMPRESSION = 3
 
 class ImageReadError(ValueError):
     """An image file that cannot be decoded (corrupt, truncated, unsupported)."""
+
+
+_SIDEWAYS_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+
+
+def image_size(path: str | os.PathLike, *, apply_exif_orientation: bool = True) -> tuple[int, int]:
+    """(height, width) of an image file as `read_rgb` would return it, from its header alone: a
+    9000 x 9000 px PNG is sized in microseconds, where decoding it takes a minute."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if apply_exif_orientation and image.getexif().get(0x0112) in _SIDEWAYS_ORIENTATIONS:
+                width, height = height, width
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        raise ImageReadError(f"cannot read image header of {path}: {error}") from error
+    return height, width
 
 
 def read_rgb(path: str | os.PathLike, *, apply_exif_orientation: bool = True) -> np.ndarray:
@@ -73,16 +89,6 @@ def _float_to_uint8(values: np.ndarray, path) -> np.ndarray:
     return np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """image_size(path) -> (height, width), reading only the header. Raises ImageReadError."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        raise ImageReadError(f"cannot read image header of {path}: {error}") from error
-    return height, width
-
-
 def encode_png(rgb: np.ndarray) -> bytes:
     """encode_png((H, W, 3) uint8 RGB) -> PNG bytes (lossless)."""
     _check_rgb_uint8(rgb, "encode_png")
@@ -117,40 +123,6 @@ def rgb_png_bytes_of_file(path: str | os.PathLike) -> bytes:
     if already_rgb_png:
         return data
     return encode_png(read_rgb(path))
-
-
-def current_umask() -> int:
-    """The process umask (read from /proc where it can be, so no other thread sees it changed)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def plain_file_mode() -> int:
-    """The permissions a plain `open(path, "w")` gives a new file (mkstemp's are 0600)."""
-    return 0o666 & ~current_umask()
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` through a temp file in the same folder and an atomic rename; the
-    file ends with the permissions a plain write would give it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, plain_file_mode())
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(data)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_png_atomic(path: str | os.PathLike, rgb: np.ndarray) -> None:

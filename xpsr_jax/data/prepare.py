@@ -66,6 +66,7 @@ from xpsr_jax.data.degradation import (
     usm_sharpen,
     validate_degradation_config,
 )
+from xpsr_jax.files import IMAGE_SUFFIXES, write_bytes_atomic
 
 STAGES = ("crop", "caption", "build")
 CROP_MODES = ("random", "grid")
@@ -122,12 +123,12 @@ def list_hr_images(hr_dir: str | os.PathLike) -> list[Path]:
     if not hr_dir.is_dir():
         raise PrepareError(f"--hr-dir {hr_dir} does not exist or is not a folder")
     paths = sorted(
-        (p for p in hr_dir.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_SUFFIXES),
+        (p for p in hr_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
         key=lambda p: p.relative_to(hr_dir).as_posix(),
     )
     if not paths:
         raise PrepareError(
-            f"--hr-dir {hr_dir} holds no images ({', '.join(images.IMAGE_SUFFIXES)})")
+            f"--hr-dir {hr_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
@@ -242,7 +243,7 @@ def crop_and_degrade(task: CropTask) -> CropResult:
                   "crop": [top, left, task.crop_size], "seed": task.seed,
                   "example_id": task.image_index * MAX_CROPS_PER_IMAGE + k, "params": params}
         images.write_png_atomic(work_dir / "HR" / f"{crop_ids[k]}.png", hr_stored)
-        images.write_bytes_atomic(work_dir / PARAMS_DIR / f"{crop_ids[k]}.json",
+        write_bytes_atomic(work_dir / PARAMS_DIR / f"{crop_ids[k]}.json",
                                   json.dumps(record).encode("utf-8"))
         images.write_png_atomic(work_dir / "LR" / f"{crop_ids[k]}.png", lr_crop)
     return CropResult(task.relative_path, written=len(todo), reused=len(boxes) - len(todo))
@@ -269,7 +270,7 @@ def _check_settings(work_dir: Path, settings: dict) -> None:
                 "or the same settings"
             )
     else:
-        images.write_bytes_atomic(path, json.dumps(settings, indent=1).encode("utf-8"))
+        write_bytes_atomic(path, json.dumps(settings, indent=1).encode("utf-8"))
 
 
 def _map_tasks(function, tasks: Sequence, num_workers: int) -> Iterable:
@@ -335,7 +336,7 @@ def run_crop_stage(config: config_dict.ConfigDict, degradation_config=None) -> d
             skipped.append((result.relative_path, result.skip_reason))
             tqdm.write(f"skipped {result.relative_path}: {result.skip_reason}")
     counts["skipped"] = len(skipped)
-    images.write_bytes_atomic(work_dir / SKIPPED_FILE, "".join(
+    write_bytes_atomic(work_dir / SKIPPED_FILE, "".join(
         f"{path}\t{reason}\n" for path, reason in skipped).encode("utf-8"))
     _write_degradation_jsonl(work_dir)
     print(f"crop: {counts['images']} images, {counts['written']} crops written, "
@@ -357,7 +358,7 @@ def _write_degradation_jsonl(work_dir: Path) -> None:
     for params_path in sorted((work_dir / PARAMS_DIR).glob("*.json")):
         if (work_dir / "LR" / f"{params_path.stem}.png").is_file():
             lines.append(json.dumps(json.loads(params_path.read_bytes())) + "\n")
-    images.write_bytes_atomic(work_dir / tfds_builder.DEGRADATION_FILE,
+    write_bytes_atomic(work_dir / tfds_builder.DEGRADATION_FILE,
                               "".join(lines).encode("utf-8"))
 
 

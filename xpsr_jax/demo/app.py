@@ -18,6 +18,7 @@ from xpsr_jax.demo.service import DemoService, Settings, UploadError
 from xpsr_jax.inference.config import COLOR_FIXES
 from xpsr_jax.inference.memory import DeviceMemoryError
 from xpsr_jax.schedulers import SAMPLERS
+from xpsr_jax.seeds import MAX_SEED
 
 TITLE = "XPSR super-resolution (x4)"
 # System fonts: the default theme would ask Google Fonts, which an offline server cannot reach.
@@ -65,7 +66,7 @@ def _page(gr, service: DemoService, examples):
         try:
             lr = service.read_upload(path, name)
             settings = Settings.parse(sampler, steps, guidance, seed, color_fix, tiling, latent_tile_size)
-            result = service.super_resolve(lr, highlevel or "", lowlevel or "", settings, name=name or "image",
+            result = service.super_resolve(lr, highlevel, lowlevel, settings, name=name or "image",
                                            report=lambda fraction, text: progress(fraction, desc=text))
         except (UploadError, DeviceMemoryError) as error:
             raise shown(error) from None
@@ -99,7 +100,7 @@ def _page(gr, service: DemoService, examples):
                     steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="steps")
                     guidance = gr.Slider(0, 15, value=defaults.guidance, step=0.5,
                                          label="guidance (classifier-free; <= 1 turns it off)")
-                    seed = gr.Number(value=defaults.seed, precision=0, minimum=0, label="seed")
+                    seed = gr.Number(value=defaults.seed, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
                     color_fix = gr.Radio(list(COLOR_FIXES), value=defaults.color_fix, label="colour fix")
                     tiling = gr.Checkbox(value=defaults.tiling, label="tile large images")
                     tile_size = gr.Slider(8, 512, value=defaults.latent_tile_size, step=8,

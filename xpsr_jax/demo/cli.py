@@ -20,7 +20,7 @@ from PIL import Image
 from xpsr_jax.captions.io import CaptionInputError
 from xpsr_jax.cli_config import parse_command_line, report_error
 from xpsr_jax.compile_cache import DEFAULT as DEFAULT_CACHE
-from xpsr_jax.compile_cache import cache_dir, enable_compile_cache, user_cache_dir
+from xpsr_jax.compile_cache import use_compile_cache, user_cache_dir
 from xpsr_jax.data.images import read_rgb, write_png_atomic
 from xpsr_jax.demo.app import serve
 from xpsr_jax.demo.service import DemoService, PromptCaptioner
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--port {args.port}: give a port in 1..65535")
         # The captioner (PyTorch) loads first, before JAX claims the device's memory.
         captioner = PromptCaptioner.load(config.captioner) if config.captioner.model else None
-        enable_compile_cache(cache_dir(config.get("compile_cache", DEFAULT_CACHE), user_cache_dir()))
+        use_compile_cache(config.get("compile_cache", DEFAULT_CACHE), user_cache_dir())
         pipeline = XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config, tokenizer=args.tokenizer,
                                                 sd15_config=args.sd15_config)
         service = DemoService(pipeline, captioner=captioner)

@@ -31,11 +31,13 @@ from xpsr_jax.captions.batches import CaptionSettings, load_captioner, with_ques
 from xpsr_jax.captions.config import SIMPLE_WORD_LIMIT, limit_words, preset_question
 from xpsr_jax.captions.on_demand import check_captioner_folder
 from xpsr_jax.captions.transforms import apply_transforms, parse_transforms
-from xpsr_jax.data.images import ImageReadError, read_rgb, write_png_atomic
+from xpsr_jax.data.images import ImageReadError, image_size, read_rgb, write_png_atomic
+from xpsr_jax.inference.batching import NonFiniteOutputError, non_finite_error
 from xpsr_jax.inference.config import COLOR_FIXES, validate_infer_config
 from xpsr_jax.inference.pipeline import XPSRPipeline
-from xpsr_jax.inference.preprocess import InputImageError, check_output_size, preprocess_lr
+from xpsr_jax.inference.preprocess import InputImageError, check_input_size
 from xpsr_jax.schedulers import SAMPLERS
+from xpsr_jax.seeds import VALID_SEEDS, is_valid_seed
 
 MAX_RECIPES = 4  # recipes kept compiled at once; each holds the programs of the sizes it has seen
 
@@ -47,18 +49,38 @@ class UploadError(ValueError):
 
 
 def _number(name: str, value, *, integer: bool = False) -> float | int:
+    if isinstance(value, int) and not isinstance(value, bool) and integer:
+        return value  # exact, however large (the range checks name it)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             value = float(value)
-        except (TypeError, ValueError):
-            raise UploadError(f"{name}: {value!r} is not a number") from None
-    if not math.isfinite(value):
-        raise UploadError(f"{name}: {value!r} is not a finite number")
+        except (TypeError, ValueError, OverflowError):
+            raise UploadError(f"{name}: {_shown(value)} is not a number") from None
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        finite = False
+    if not finite:
+        raise UploadError(f"{name}: {_shown(value)} is not a finite number")
     if integer:
         if value != int(value):
             raise UploadError(f"{name}: {value!r} is not a whole number")
         return int(value)
     return float(value)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _prompt(name: str, value) -> str:
+    """A prompt from the page or an API caller: text (None is empty), nothing else."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UploadError(f"{name}: give text, not {type(value).__name__} {_shown(value)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -83,8 +105,8 @@ class Settings:
         if not isinstance(tiling, bool):
             raise UploadError(f"tiling: {tiling!r} is not true or false")
         seed = _number("seed", seed, integer=True)
-        if seed < 0:
-            raise UploadError(f"seed: {seed} is negative; give an integer >= 0")
+        if not is_valid_seed(seed):
+            raise UploadError(f"seed: {_shown(seed)} is out of range; give {VALID_SEEDS}")
         return cls(sampler, _number("steps", steps, integer=True), _number("guidance", guidance), seed, color_fix,
                    tiling, _number("latent tile size", latent_tile_size, integer=True))
 
@@ -206,18 +228,18 @@ class DemoService:
         shown = name or (Path(path).name if path else "")
         if not path:
             raise UploadError("no image: upload one or pick an example")
+        orientation = self.config.apply_exif_orientation
         try:
-            lr = read_rgb(path, apply_exif_orientation=self.config.apply_exif_orientation)
+            # Sized from the header first: a huge image is refused without decoding it (a minute of
+            # the one-at-a-time queue for a 9000 x 9000 px PNG).
+            check_input_size(image_size(path, apply_exif_orientation=orientation), self.config,
+                             remedy="this demo's limit: upload a smaller image")
+            return read_rgb(path, apply_exif_orientation=orientation)
         except ImageReadError as error:
             reason = str(error.__cause__ or error).replace(str(path), shown)
             raise UploadError(f"{shown} is not an image this demo can read ({reason})") from None
-        try:  # preprocess_lr refuses sides under MIN_SIDE
-            check_output_size(lr.shape, preprocess_lr(lr, self.config.process_size,
-                                                      upscale=self.config.upscale).shape, self.config,
-                              remedy="this demo's limit: upload a smaller image")
         except InputImageError as error:
             raise UploadError(f"{shown}: {error}") from None
-        return lr
 
     def caption(self, lr: np.ndarray) -> tuple[str, str]:
         """(high-level, low-level) prompts of `lr` from the captioner."""
@@ -230,6 +252,7 @@ class DemoService:
         """`lr` at x4 (bicubic and SR) with `settings`; empty prompts are captioned first when a
         captioner is loaded. `report(fraction, text)` hears each stage."""
         report = report or (lambda fraction, text: None)
+        highlevel, lowlevel = _prompt("high-level prompt", highlevel), _prompt("low-level prompt", lowlevel)
         start = time.perf_counter()
         captioned = self.captioner is not None and not (highlevel.strip() and lowlevel.strip())
         if captioned:
@@ -243,6 +266,8 @@ class DemoService:
             report(0.1, f"sampling ({settings.steps} steps, {settings.sampler})")
             try:
                 image = pipeline([lr], [highlevel], [lowlevel], seeds=[settings.seed])[0]
+            except NonFiniteOutputError:
+                raise UploadError(str(non_finite_error(pipeline))) from None
             finally:
                 pipeline.on_compile = None
             compile_seconds = pipeline.compile_seconds - compiled_before

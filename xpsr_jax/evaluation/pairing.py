@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from xpsr_jax.data.images import IMAGE_SUFFIXES
+from xpsr_jax.files import IMAGE_SUFFIXES
 
 # How many unmatched names an error message lists before it only counts the rest.
 _LISTED_NAMES = 20

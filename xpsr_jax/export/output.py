@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from xpsr_jax.data.images import current_umask
+from xpsr_jax.files import current_umask
 from xpsr_jax.weights.formats import MANIFEST, WeightsFormatError, read_manifest
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpsr_jax.inference.batching import super_resolve
+from xpsr_jax.inference.batching import SampledBatch, finite_per_image, super_resolve
 from xpsr_jax.inference.sampling import SamplingNoise
 from xpsr_jax.weights.artifact import ArtifactInputError
 from xpsr_jax.weights.formats import STABLEHLO, WeightsFormatError, read_manifest
@@ -77,11 +77,18 @@ class ArtifactRunner:
         return int(min(self.config.batch_size, limit))
 
     def sample_batch(self, conditioning: np.ndarray, highlevel: list[str], lowlevel: list[str],
-                     seeds: list[int], noise: SamplingNoise | None) -> np.ndarray:
+                     seeds: list[int], noise: SamplingNoise | None) -> SampledBatch:
         if noise is not None:
             raise ValueError(f"{self.artifact.path}: a StableHLO artifact draws its noise from seeds; "
                              "injected noise needs the pipeline")
-        return np.asarray(self.artifact.sample(conditioning, highlevel, lowlevel, seeds=seeds)["images"])
+        out = self.artifact.sample(conditioning, highlevel, lowlevel, seeds=seeds)
+        return SampledBatch(np.asarray(out["images"]), finite_per_image(out["latents"], out["decoded"]))
+
+    def non_finite_cause(self) -> str:
+        recipe = self.artifact.config
+        return (f"the StableHLO artifact {self.artifact.path} holds weights with NaN or inf, or its recipe "
+                f"overflows (guidance_scale={recipe.get('guidance_scale')}, dtype={recipe.get('dtype')}); export it "
+                "again from finite weights")
 
     def __call__(self, lr_images, highlevel_prompts, lowlevel_prompts, **kwargs) -> list[np.ndarray]:
         return super_resolve(self, lr_images, highlevel_prompts, lowlevel_prompts, **kwargs)

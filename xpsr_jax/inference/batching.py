@@ -2,16 +2,18 @@
 artifact runner and `infer.py`: preprocess -> group by processed size -> batch -> sample ->
 resize back to exactly `upscale` x the input.
 
-A runner supplies `config` (process_size, upscale, seed), `batch_size` (images per sampling call)
-and `sample_batch(conditioning uint8 (B, H, W, 3), highlevel, lowlevel, seeds, noise) -> uint8
-(B, 4H', 4W', 3)`. `super_resolve_iter` yields each result as its batch finishes, so a caller
-can write and report progress as it goes.
+A runner supplies `config` (process_size, upscale, seed), `batch_size` (images per sampling call),
+`sample_batch(conditioning uint8 (B, H, W, 3), highlevel, lowlevel, seeds, noise) -> SampledBatch`
+and `non_finite_cause() -> str`. `super_resolve_iter` yields each result as its batch finishes, so
+a caller can write and report progress as it goes. An image whose latents or pixels hold NaN or
+inf is never yielded (cast to uint8 it would be a black or noise image that looks like a result):
+it fails with `NonFiniteOutputError`, naming the likely cause.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -20,12 +22,33 @@ from xpsr_jax.inference.preprocess import preprocess_lr, resize_output
 from xpsr_jax.inference.sampling import SamplingNoise
 
 
+class NonFiniteOutputError(ValueError):
+    """A sampled image that holds NaN or inf values; no image is made of it."""
+
+
+class SampledBatch(NamedTuple):
+    images: np.ndarray  # uint8 (B, H, W, 3) at the processed size
+    finite: np.ndarray  # bool (B,): the image's final latent and decoded pixels hold no NaN or inf
+
+
 class Runner(Protocol):
     config: Any
     batch_size: int
 
     def sample_batch(self, conditioning: np.ndarray, highlevel: list[str], lowlevel: list[str],
-                     seeds: list[int], noise: SamplingNoise | None) -> np.ndarray: ...
+                     seeds: list[int], noise: SamplingNoise | None) -> SampledBatch: ...
+
+    def non_finite_cause(self) -> str: ...
+
+
+def finite_per_image(*arrays) -> np.ndarray:
+    """bool (B,): whether image b of every array (B, ...) is free of NaN and inf."""
+    return np.logical_and.reduce([np.isfinite(np.asarray(a).reshape(len(a), -1)).all(axis=1) for a in arrays])
+
+
+def non_finite_error(runner: Runner) -> NonFiniteOutputError:
+    return NonFiniteOutputError(f"the sampled image holds NaN or inf values, so none was written; "
+                                f"{runner.non_finite_cause()}")
 
 
 def batches_by_size(shapes: Sequence[tuple[int, ...]], batch_size: int) -> list[list[int]]:
@@ -50,12 +73,13 @@ def _stacked_noise(parts: Sequence[SamplingNoise]) -> SamplingNoise:
 def super_resolve_iter(runner: Runner, lr_images: Sequence[np.ndarray], highlevel_prompts: Sequence[str],
                        lowlevel_prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
                        noise: Sequence[SamplingNoise] | None = None,
-                       on_too_large: Callable[[list[int], DeviceMemoryError], None] | None = None,
+                       on_failure: Callable[[list[int], Exception], None] | None = None,
                        ) -> Iterator[tuple[int, np.ndarray]]:
     """(input index, SR image) for every LR image (uint8 (H, W, 3)), a batch at a time. `seeds`:
     one per image (default config.seed); `noise`: one single-image SamplingNoise per image.
-    `on_too_large(indices, error)`, when given, takes a batch that would not fit in device memory
-    (refused before it runs) and the other sizes go on; without it the error propagates."""
+    `on_failure(indices, error)`, when given, takes the images that failed, and the others go on:
+    a batch that would not fit in device memory (DeviceMemoryError, refused before it runs) and
+    images that came out non-finite (NonFiniteOutputError). Without it the error propagates."""
     lr_images = list(lr_images)
     count = len(lr_images)
     if not (len(highlevel_prompts) == len(lowlevel_prompts) == count):
@@ -66,19 +90,27 @@ def super_resolve_iter(runner: Runner, lr_images: Sequence[np.ndarray], highleve
         raise ValueError(f"pipeline: seeds/noise must have one entry per image ({count})")
     config = runner.config
     conditioning = [preprocess_lr(image, config.process_size, upscale=config.upscale) for image in lr_images]
+    def fail(indices: list[int], error: Exception) -> None:
+        if on_failure is None:
+            raise error
+        on_failure(indices, error)
+
     for chunk in batches_by_size([c.shape for c in conditioning], runner.batch_size):
         try:
-            images = runner.sample_batch(np.stack([conditioning[i] for i in chunk]),
-                                         [highlevel_prompts[i] for i in chunk], [lowlevel_prompts[i] for i in chunk],
-                                         [seeds[i] for i in chunk],
-                                         None if noise is None else _stacked_noise([noise[i] for i in chunk]))
+            sampled = runner.sample_batch(np.stack([conditioning[i] for i in chunk]),
+                                          [highlevel_prompts[i] for i in chunk], [lowlevel_prompts[i] for i in chunk],
+                                          [seeds[i] for i in chunk],
+                                          None if noise is None else _stacked_noise([noise[i] for i in chunk]))
         except DeviceMemoryError as error:
-            if on_too_large is None:
-                raise
-            on_too_large(chunk, error)
+            fail(chunk, error)
             continue
-        for index, image in zip(chunk, images):
-            yield index, resize_output(image, lr_images[index].shape, upscale=config.upscale)
+        broken = [index for index, finite in zip(chunk, sampled.finite) if not finite]
+        if broken:
+            error = non_finite_error(runner)
+            fail(broken, error if on_failure else NonFiniteOutputError(f"input(s) {broken}: {error}"))
+        for index, image, finite in zip(chunk, sampled.images, sampled.finite):
+            if finite:
+                yield index, resize_output(image, lr_images[index].shape, upscale=config.upscale)
 
 
 def super_resolve(runner: Runner, lr_images: Sequence[np.ndarray], highlevel_prompts: Sequence[str],

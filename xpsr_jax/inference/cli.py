@@ -34,14 +34,10 @@ from tqdm import tqdm
 from xpsr_jax.captions.on_demand import caption_missing
 from xpsr_jax.cli_config import parse_command_line, report_error, split_config_args
 from xpsr_jax.compile_cache import DEFAULT as DEFAULT_CACHE
-from xpsr_jax.compile_cache import cache_dir, enable_compile_cache, user_cache_dir
-from xpsr_jax.data.images import (
-    IMAGE_SUFFIXES,
-    ImageReadError,
-    read_rgb,
-    write_png_atomic,
-)
+from xpsr_jax.compile_cache import use_compile_cache, user_cache_dir
+from xpsr_jax.data.images import ImageReadError, image_size, read_rgb, write_png_atomic
 from xpsr_jax.distributed import DistributedOptions, initialize_distributed
+from xpsr_jax.files import IMAGE_SUFFIXES
 from xpsr_jax.inference.artifact import (
     ARTIFACT_RUNTIME_KEYS,
     ArtifactRunner,
@@ -51,8 +47,8 @@ from xpsr_jax.inference.artifact import (
 )
 from xpsr_jax.inference.batching import super_resolve_iter
 from xpsr_jax.inference.config import validate_infer_config
-from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
-from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, check_output_size, preprocess_lr
+from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline, check_pretrained
+from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, check_input_size
 from xpsr_jax.inference.prompts import (
     OFFICIAL_LR_FOLDER,
     MissingPromptError,
@@ -179,15 +175,18 @@ def process_share(files: Sequence[Path], process_index: int, process_count: int)
     return list(files[process_index::process_count])
 
 
-def load_lr(path: Path, *, apply_exif_orientation: bool = True) -> np.ndarray:
+def load_lr(path: Path, *, apply_exif_orientation: bool = True, config=None) -> np.ndarray:
     """The LR image as uint8 RGB (grey, RGBA, palette and 16-bit are converted); raises
-    InputImageError with the reason."""
+    InputImageError with the reason. With `config`, an input whose result would be over
+    max_output_pixels is refused from the file's header, before it is decoded."""
     if path.is_symlink() and not path.exists():
         raise InputImageError(f"broken link to {os.readlink(path)}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputImageError(f"not an image file (extension {path.suffix or 'none'!r}; "
                               f"valid: {', '.join(IMAGE_SUFFIXES)})")
     try:
+        if config is not None:
+            check_input_size(image_size(path, apply_exif_orientation=apply_exif_orientation), config)
         image = read_rgb(path, apply_exif_orientation=apply_exif_orientation)
     except ImageReadError as error:
         raise InputImageError(f"unreadable image: {error.__cause__ or error}") from error
@@ -212,6 +211,8 @@ def run(args, config, artifact=None) -> int:
                            lowlevel=args.lowlevel_prompt, caption_source=args.caption_source)
     where = output if len(targets) != 1 or output.suffix.lower() != ".png" else output.parent
     if config.get("captioner") is not None and config.captioner.model:
+        if artifact is None:  # bad weights are named before the captioning, not after it
+            check_pretrained(args.weights, args.sd15, tokenizer=args.tokenizer, sd15_config=args.sd15_config)
         caption_on_the_fly(files, targets, prompts, config, where, args.overwrite)
     failures: list[tuple[Path, str]] = []
     todo, skipped = [], 0
@@ -225,10 +226,9 @@ def run(args, config, artifact=None) -> int:
             redone += 1
             print(f"note: {target} exists but does not decode as an image; redoing it", file=sys.stderr, flush=True)
         try:
-            image = load_lr(path, apply_exif_orientation=config.apply_exif_orientation)
+            image = load_lr(path, apply_exif_orientation=config.apply_exif_orientation, config=config)
             highlevel, lowlevel = prompts.prompts(path)
-            conditioning_shape = preprocess_lr(image, config.process_size, upscale=config.upscale).shape
-            check_output_size(image.shape, conditioning_shape, config)
+            conditioning_shape = check_input_size(image.shape, config)
             if artifact is not None:
                 check_artifact_size(artifact, conditioning_shape)
         except (InputImageError, MissingPromptError, ArtifactInputError, OSError, UnicodeDecodeError) as error:
@@ -250,7 +250,7 @@ def run(args, config, artifact=None) -> int:
         pipe.on_compile = (lambda line: progress.write(line, file=sys.stdout)) if jax.process_index() == 0 else None
         start = time.perf_counter()
 
-        def too_large(indices, error):
+        def failed(indices, error):  # too large for the device, or sampled non-finite
             for index in indices:
                 message = f"{todo[index].path}: {error}"
                 progress.write(f"error: {message}", file=sys.stderr)
@@ -260,7 +260,7 @@ def run(args, config, artifact=None) -> int:
         try:
             for index, image in super_resolve_iter(pipe, [job.image for job in todo],
                                                    [job.highlevel for job in todo], [job.lowlevel for job in todo],
-                                                   on_too_large=too_large):
+                                                   on_failure=failed):
                 try:
                     write_png_atomic(todo[index].target, image)
                 except OSError as error:  # disk full, folder removed, ...: stop; a rerun resumes
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       flush=True)
         apply_captioner_flags(args, config)
         validate_infer_config(config)
-        enable_compile_cache(cache_dir(config.get("compile_cache", DEFAULT_CACHE), user_cache_dir()))
+        use_compile_cache(config.get("compile_cache", DEFAULT_CACHE), user_cache_dir())
         if artifact is not None:
             check_artifact_covers(artifact, config)
         _init_distributed(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from ml_collections import config_dict
 
 from xpsr_jax.captions.config import DTYPES as CAPTION_DTYPES
@@ -11,7 +12,9 @@ from xpsr_jax.captions.config import QUESTION_PRESETS
 from xpsr_jax.captions.transforms import parse_transforms
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
 from xpsr_jax.models.dtypes import DTYPE_NAMES
+from xpsr_jax.models.dtypes import DTYPES as DTYPES_BY_NAME
 from xpsr_jax.schedulers import SAMPLERS
+from xpsr_jax.seeds import VALID_SEEDS, is_valid_seed
 
 INIT_MODES = ("lr_latent", "noise")
 COLOR_FIXES = ("adain", "wavelet", "none")
@@ -105,14 +108,19 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
         raise bad("timestep_spacing", " | ".join(repr(s) for s in TIMESTEP_SPACINGS))
     if config.final_sigmas_type not in FINAL_SIGMAS_TYPES:
         raise bad("final_sigmas_type", " | ".join(FINAL_SIGMAS_TYPES))
-    def finite_number(key: str, value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    # NaN fails every comparison and inf makes black images: both are refused by name.
-    if not finite_number("guidance_scale", config.guidance_scale) or not config.guidance_scale >= 0:
-        raise bad("guidance_scale", "a finite number >= 0 (<= 1 disables classifier-free guidance)")
-    if not finite_number("conditioning_scale", config.conditioning_scale):
-        raise bad("conditioning_scale", "a finite number")
+    for key in ("dtype", "param_dtype"):
+        if config[key] not in DTYPES:
+            raise bad(key, " | ".join(DTYPES))
+    # NaN fails every comparison, and a value that overflows the dtype it is computed in (1e39 in
+    # float32) becomes inf there: both would make black images, so both are refused by name.
+    # Guidance mixes the float32 noise predictions; the ControlNet scale multiplies residuals in
+    # the compute dtype.
+    if not finite_in(config.guidance_scale, "float32") or not config.guidance_scale >= 0:
+        raise bad("guidance_scale", f"a finite number >= 0 and at most {float_max('float32'):.4g} (float32; "
+                                    "<= 1 disables classifier-free guidance)")
+    if not finite_in(config.conditioning_scale, config.dtype):
+        raise bad("conditioning_scale", f"a finite number of magnitude at most {float_max(config.dtype):.4g} "
+                                        f"(dtype={config.dtype})")
     if config.init not in INIT_MODES:
         raise bad("init", " | ".join(INIT_MODES))
     if not isinstance(config.added_noise_level, int) or not -1 <= config.added_noise_level < 1000:
@@ -136,19 +144,31 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
     if not isinstance(tiling.get("vae_streaming", True), bool):
         raise bad("tiling.vae_streaming", "True | False")
     validate_captioner(config.get("captioner") or default_infer_config().captioner, bad)
-    for key in ("dtype", "param_dtype"):
-        if config[key] not in DTYPES:
-            raise bad(key, " | ".join(DTYPES))
     if config.attention_backend not in ATTENTION_BACKENDS:
         raise bad("attention_backend", " | ".join(ATTENTION_BACKENDS))
     positive_int("batch_size", config.batch_size)
     positive_int("max_output_pixels", config.get("max_output_pixels", 4096 * 4096))
-    if not isinstance(config.seed, int) or config.seed < 0:
-        raise bad("seed", "an integer >= 0")
+    if not is_valid_seed(config.seed):
+        raise bad("seed", VALID_SEEDS)
     if not isinstance(config.apply_exif_orientation, bool):
         raise bad("apply_exif_orientation", "True | False")
     if not isinstance(config.get("compile_cache", "default"), str):
         raise bad("compile_cache", '"default" (the user cache folder), a folder, or "" (off)')
+
+
+def float_max(dtype_name: str) -> float:
+    """The largest finite value of the dtype called `dtype_name`."""
+    return float(np.finfo(DTYPES_BY_NAME[dtype_name]).max)
+
+
+def finite_in(value, dtype_name: str) -> bool:
+    """`value` is a real number (not bool) that stays finite in `dtype_name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= float_max(dtype_name)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def validate_captioner(captioner, bad) -> None:

@@ -31,10 +31,11 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
 from xpsr_jax.compile_cache import watch_compile
-from xpsr_jax.inference.batching import super_resolve
+from xpsr_jax.inference.batching import SampledBatch, finite_per_image, super_resolve
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
 from xpsr_jax.inference.memory import check_fits, device_free_bytes, program_bytes
 from xpsr_jax.inference.sampling import (
+    Networks,
     PromptEmbeds,
     SampleOutput,
     SamplingNoise,
@@ -55,7 +56,14 @@ from xpsr_jax.schedulers import (
     make_sampler,
     noise_schedule_from_config,
 )
-from xpsr_jax.weights.formats import MANIFEST, SD15_INFERENCE_PARTS, WeightsFormatError
+from xpsr_jax.seeds import seed_key_data
+from xpsr_jax.weights.formats import (
+    MANIFEST,
+    SD15_INFERENCE_PARTS,
+    STABLEHLO,
+    WeightsFormatError,
+    detect_weights_format,
+)
 
 
 class WeightsFolderError(FileNotFoundError):
@@ -80,6 +88,21 @@ def resolve_sd15(weights: Path, sd15: str | os.PathLike | None, *, tokenizer: st
     return base
 
 
+def check_pretrained(weights: str | os.PathLike, sd15: str | os.PathLike | None = None, **single_file) -> Path:
+    """What `from_pretrained` will read, checked without loading any network (a command checks it
+    before slow work such as captioning): `weights` a release or orbax inference checkpoint, and
+    the SD 1.5 base (`resolve_sd15`, which converts a single file once). WeightsFolderError says
+    what is wrong; returns the SD 1.5 folder."""
+    folder = Path(weights)
+    try:
+        kind = detect_weights_format(folder)
+    except WeightsFormatError as error:
+        raise WeightsFolderError(str(error)) from None
+    if kind == STABLEHLO:
+        raise WeightsFolderError(f"{folder}: a StableHLO artifact holds compiled programs, not networks")
+    return resolve_sd15(folder, sd15, **single_file)
+
+
 def load_sampling_networks(weights: str | os.PathLike, **model_kwargs):
     """(unet, controlnet) from an official-layout release folder (unet/ + controlnet/) or an
     orbax inference checkpoint (`python -m xpsr_jax.export orbax`); `model_kwargs`: dtype,
@@ -94,6 +117,50 @@ def load_sampling_networks(weights: str | os.PathLike, **model_kwargs):
             raise WeightsFolderError(str(error)) from error
         raise WeightsFolderError(f"{folder}: not an XPSR release (needs unet/ and controlnet/ subfolders) nor an "
                                  "orbax inference checkpoint (python -m xpsr_jax.export orbax)") from error
+
+
+def non_finite_tensors(state) -> list[str]:
+    """The dotted paths of a network state's tensors that hold NaN or inf."""
+    flat = list(nnx.to_flat_state(state))
+    finite = jax.device_get([jnp.isfinite(variable.get_value()).all() for _, variable in flat])
+    return [".".join(map(str, path)) for (path, _), ok in zip(flat, finite) if not ok]
+
+
+def jit_sampler(networks: Networks, plan: SamplingPlan, mesh: Mesh, *, injected: bool = False,
+                with_steps: bool = False, on_trace=None):
+    """`sample` jitted over `mesh` (axis "data"): network states replicated, every batch input and
+    output split over the devices. `fn(states, conditioning, embeds, noise, keys)`; `noise` is
+    None unless `injected` (with per-step draws when `with_steps`), `keys` None when it is.
+    `on_trace()` is called each time the function is traced."""
+    def fn(states, conditioning, embeds, noise, keys):
+        if on_trace is not None:
+            on_trace()
+        return sample(networks, plan, states, conditioning, embeds, noise, keys)
+
+    batch = NamedSharding(mesh, P("data"))
+    noise_sharding = SamplingNoise(batch, batch, batch, NamedSharding(mesh, P(None, "data")) if with_steps else None) \
+        if injected else None
+    return jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), batch, PromptEmbeds(batch, batch, batch, batch),
+                                     noise_sharding, None if injected else batch),
+                   out_shardings=SampleOutput(batch, batch, batch, batch))
+
+
+def sampling_plan(config: config_dict.ConfigDict, scheduler_config: dict, scaling_factor: float) -> SamplingPlan:
+    """The static sampling plan of an inference `config` (sampler, steps, guidance, tiling, ...)
+    for a model with `scheduler_config` and the VAE's `scaling_factor`."""
+    options = {"final_sigmas_type": config.final_sigmas_type} if config.sampler == "unipc" else {}
+    if config.timestep_spacing:
+        options["timestep_spacing"] = config.timestep_spacing
+    tiling = config.tiling
+    return SamplingPlan(
+        sampler=make_sampler(config.sampler, scheduler_config, config.num_inference_steps, **options),
+        noise_schedule=noise_schedule_from_config(scheduler_config), guidance_scale=float(config.guidance_scale),
+        conditioning_scale=float(config.conditioning_scale), init=config.init,
+        added_noise_level=int(config.added_noise_level), color_fix=config.color_fix, scaling_factor=scaling_factor,
+        tiling=bool(tiling.enabled), latent_tile_size=tiling.latent_tile_size,
+        latent_tile_overlap=tiling.latent_tile_overlap, tile_batch_size=tiling.tile_batch_size,
+        vae_encoder_tile_size=tiling.vae_encoder_tile_size, vae_decoder_tile_size=tiling.vae_decoder_tile_size,
+        vae_streaming=tiling.get("vae_streaming", True))
 
 
 def _as_config(config: config_dict.ConfigDict | None) -> config_dict.ConfigDict:
@@ -126,20 +193,9 @@ class XPSRPipeline:
 
     def _set_recipe(self, config: config_dict.ConfigDict | None) -> None:
         """The sampler, the sampling plan and an empty table of compiled programs for `config`."""
-        self.config = cfg = _as_config(config)
-        sampler_options = {"final_sigmas_type": cfg.final_sigmas_type} if cfg.sampler == "unipc" else {}
-        if cfg.timestep_spacing:
-            sampler_options["timestep_spacing"] = cfg.timestep_spacing
-        self.sampler = make_sampler(cfg.sampler, self.scheduler_config, cfg.num_inference_steps, **sampler_options)
-        tiling = cfg.tiling
-        self.plan = SamplingPlan(
-            sampler=self.sampler, noise_schedule=self.noise_schedule, guidance_scale=float(cfg.guidance_scale),
-            conditioning_scale=float(cfg.conditioning_scale), init=cfg.init,
-            added_noise_level=int(cfg.added_noise_level), color_fix=cfg.color_fix,
-            scaling_factor=self._scaling_factor, tiling=bool(tiling.enabled),
-            latent_tile_size=tiling.latent_tile_size, latent_tile_overlap=tiling.latent_tile_overlap,
-            tile_batch_size=tiling.tile_batch_size, vae_encoder_tile_size=tiling.vae_encoder_tile_size,
-            vae_decoder_tile_size=tiling.vae_decoder_tile_size, vae_streaming=tiling.get("vae_streaming", True))
+        self.config = _as_config(config)
+        self.plan = sampling_plan(self.config, self.scheduler_config, self._scaling_factor)
+        self.sampler = self.plan.sampler
         self._compiled: OrderedDict = OrderedDict()  # (shape, injected, with_steps) -> jit / compiled
         self.compile_seconds = 0.0  # spent compiling (tracing + XLA or the cache), all shapes
         self.trace_count = 0  # times the sampling function was traced (one per compiled shape)
@@ -219,18 +275,11 @@ class XPSRPipeline:
     def _sample_fn(self, shape: tuple[int, ...], injected: bool, with_steps: bool):
         key = (shape, injected, with_steps)
         if key not in self._compiled:
-            def fn(states, conditioning, embeds, noise, keys):
+            def counted():
                 self.trace_count += 1
-                return sample(self.networks, self.plan, states, conditioning, embeds, noise, keys)
 
-            batch = self._batch_sharding
-            noise_sharding = SamplingNoise(batch, batch, batch, self._step_sharding if with_steps else None) \
-                if injected else None
-            out_sharding = SampleOutput(batch, batch, batch, batch)
-            self._compiled[key] = jax.jit(
-                fn, in_shardings=(self._replicated, batch, PromptEmbeds(batch, batch, batch, batch), noise_sharding,
-                                  None if injected else batch),
-                out_shardings=out_sharding)
+            self._compiled[key] = jit_sampler(self.networks, self.plan, self.mesh, injected=injected,
+                                              with_steps=with_steps, on_trace=counted)
         return self._compiled[key]
 
     def _padded(self, array, count: int, axis: int = 0):
@@ -264,7 +313,7 @@ class XPSRPipeline:
             seeds = [self.config.seed] * batch if seeds is None else list(seeds)
             if len(seeds) != batch:
                 raise ValueError(f"sample: {len(seeds)} seeds for {batch} images")
-            keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
+            keys = seed_key_data(seeds)
         devices = self.mesh.devices.size
         padded_batch = -(-batch // devices) * devices
         pad = lambda a, axis=0: self._padded(a, padded_batch, axis)  # noqa: E731
@@ -355,10 +404,26 @@ class XPSRPipeline:
         return int(self.config.batch_size)
 
     def sample_batch(self, conditioning: np.ndarray, highlevel: list[str], lowlevel: list[str],
-                     seeds: list[int], noise: SamplingNoise | None) -> np.ndarray:
-        """uint8 SR images at the processed size for one batch (the `Runner` of `batching`)."""
-        embeds = self.encode_prompts(highlevel, lowlevel)
-        return self.sample(conditioning, embeds, seeds=seeds, noise=noise).images
+                     seeds: list[int], noise: SamplingNoise | None) -> SampledBatch:
+        """uint8 SR images at the processed size for one batch, and which of them are finite (the
+        `Runner` of `batching`)."""
+        out = self.sample(conditioning, self.encode_prompts(highlevel, lowlevel), seeds=seeds, noise=noise)
+        return SampledBatch(out.images, finite_per_image(out.latents, out.decoded))
+
+    def non_finite_cause(self) -> str:
+        """Why an image came out NaN or inf: the weights that hold non-finite values, else the
+        settings that can overflow (for the message of a failed image)."""
+        states = {**self.states, "text_encoder": self.text_encoder_state}
+        broken = {name: non_finite_tensors(state) for name, state in states.items()}
+        broken = {name: paths for name, paths in broken.items() if paths}
+        if broken:
+            listed = "; ".join(f"{name}: {', '.join(paths[:3])}" + (f" and {len(paths) - 3} more" if len(paths) > 3
+                                                                    else "") for name, paths in broken.items())
+            return f"the weights hold NaN or inf ({listed}): check or replace those files"
+        cfg = self.config
+        return (f"the weights are finite, so the settings overflowed: guidance_scale={cfg.guidance_scale}, "
+                f"conditioning_scale={cfg.conditioning_scale}, dtype={cfg.dtype} (float32 and the official "
+                "recipe's guidance_scale=4.5 are safe)")
 
     def __call__(self, lr_images: Sequence[np.ndarray], highlevel_prompts: Sequence[str],
                  lowlevel_prompts: Sequence[str], *, seeds: Sequence[int] | None = None,

@@ -3,7 +3,8 @@
 LR -> x`upscale` bicubic -> if the short side is below `process_size`, torchvision's
 `Resize(process_size, BILINEAR)` (short side to `process_size`, long side truncated) -> both sides
 floored to multiples of 8 (bicubic). The sampled image is resized back to exactly `upscale`x the LR.
-`check_output_size` refuses an input whose image would be over `max_output_pixels`.
+`processed_shape` gives the result's shape without pixels, and `check_input_size` refuses an input
+whose image would be over `max_output_pixels` (from a header's size, before decoding).
 """
 
 from __future__ import annotations
@@ -33,16 +34,31 @@ def _short_side_resize(size: tuple[int, int], short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
+def _resizes(height: int, width: int, process_size: int, upscale: int) -> list[tuple[tuple[int, int], int]]:
+    """The reference's resizes of an LR of (height, width): [((width, height), PIL filter), ...]."""
+    if min(height, width) < MIN_SIDE:
+        raise InputImageError(f"image is {width}x{height} px; both sides must be at least {MIN_SIDE} px")
+    size = (width * upscale, height * upscale)
+    steps = [(size, Image.BICUBIC)]
+    if min(size) < process_size:
+        size = _short_side_resize(size, process_size)
+        steps.append((size, Image.BILINEAR))
+    steps.append(((size[0] // 8 * 8, size[1] // 8 * 8), Image.BICUBIC))
+    return steps
+
+
+def processed_shape(lr_shape: tuple[int, ...], process_size: int, *, upscale: int = 4) -> tuple[int, int, int]:
+    """The shape `preprocess_lr` gives an LR of `lr_shape` ((H, W, ...)), without any pixels."""
+    width, height = _resizes(lr_shape[0], lr_shape[1], process_size, upscale)[-1][0]
+    return height, width, 3
+
+
 def preprocess_lr(lr_uint8: np.ndarray, process_size: int, *, upscale: int = 4) -> np.ndarray:
     """`preprocess_lr(lr (H, W, 3) uint8, process_size) -> uint8 (H', W', 3)`, the conditioning image."""
     _check_uint8_rgb(lr_uint8, "preprocess_lr input")
-    height, width = lr_uint8.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        raise InputImageError(f"image is {width}x{height} px; both sides must be at least {MIN_SIDE} px")
-    image = Image.fromarray(lr_uint8).resize((width * upscale, height * upscale), Image.BICUBIC)
-    if min(image.size) < process_size:
-        image = image.resize(_short_side_resize(image.size, process_size), Image.BILINEAR)
-    image = image.resize((image.size[0] // 8 * 8, image.size[1] // 8 * 8), Image.BICUBIC)
+    image = Image.fromarray(lr_uint8)
+    for size, resample in _resizes(*lr_uint8.shape[:2], process_size, upscale):
+        image = image.resize(size, resample)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -53,6 +69,14 @@ def resize_output(image_uint8: np.ndarray, lr_shape: tuple[int, ...], *, upscale
     if image_uint8.shape[1::-1] == target:
         return image_uint8
     return np.asarray(Image.fromarray(image_uint8).resize(target, Image.BICUBIC), dtype=np.uint8)
+
+
+def check_input_size(lr_shape: tuple[int, ...], config, **remedy) -> tuple[int, int, int]:
+    """`processed_shape` of an LR of `lr_shape`, after `check_output_size` (InputImageError for an
+    input under MIN_SIDE or over max_output_pixels): callable on a header's size, before decoding."""
+    shape = processed_shape(lr_shape, config.process_size, upscale=config.upscale)
+    check_output_size(lr_shape, shape, config, **remedy)
+    return shape
 
 
 def check_output_size(lr_shape: tuple[int, ...], processed_shape: tuple[int, ...], config, *,

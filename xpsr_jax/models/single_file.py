@@ -8,8 +8,11 @@ configs, tokenizer or scheduler. Key names are converted by diffusers' own singl
 library that defines both layouts); the configs are SD 1.5's built-in ones, or those of a
 diffusers folder (`config_folder`) for other shapes; the tokenizer comes from `tokenizer` or that
 folder, the scheduler from that folder or SD 1.5's. The converted folder is cached under the user
-cache folder, keyed by the file (path, size, modification time) and the other sources, and written
-atomically: a rerun reuses it, an interrupted conversion leaves nothing half-written.
+cache folder, keyed by content (the file's SHA-256, read once per version of the file, and the
+tokenizer and configs it takes), so a file replaced by another is never served the old
+conversion; it is written atomically: a rerun reuses it, an interrupted conversion leaves nothing
+half-written. Each converted network is checked against its config before anything is written, so
+a wrong-shape tensor is named against the file the user gave.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from typing import Callable
 
 import numpy as np
 
-from xpsr_jax.models.clip import CLIPTextConfig
-from xpsr_jax.models.unet import UNet2DConditionConfig
-from xpsr_jax.models.vae import AutoencoderKLConfig
+from xpsr_jax.files import current_umask, write_bytes_atomic
+from xpsr_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
+from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
+from xpsr_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from xpsr_jax.weights.convert import WeightLoadError
 from xpsr_jax.weights.files import WeightFileError, read_state_dict, write_state_dict
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DIGESTS_DIR = "digests"  # in the cache root: each file version's SHA-256, so a 4 GB file is read once
 CONVERSION_VERSION = 1  # part of the cache key: bump when the converted folder's contents change
 
 # SD 1.5's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5).
@@ -92,11 +98,62 @@ def _configs(config_folder: Path | None) -> dict[str, dict]:
     return configs
 
 
-def _cache_key(path: Path, tokenizer: Path, config_folder: Path | None) -> str:
+def file_digest(path: Path, memo_folder: Path, log: Callable[[str], None] = print) -> str:
+    """SHA-256 of the whole file, read once per version of it: the digest is remembered under
+    (device, inode, size, mtime, ctime). A file replaced by another of the same size with its
+    mtime restored still gets a new ctime (which no user call can set back), so it is hashed
+    again rather than mistaken for the old one."""
     stat = path.stat()
-    parts = [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), str(tokenizer.resolve()),
-             str(config_folder.resolve()) if config_folder else "sd15", str(CONVERSION_VERSION)]
+    version = f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    memo = memo_folder / hashlib.sha256(version.encode()).hexdigest()[:32]
+    try:
+        remembered = memo.read_text().strip()
+        if len(remembered) == 64:
+            return remembered
+    except OSError:
+        pass
+    if stat.st_size > 1 << 28:
+        log(f"reading {path} ({stat.st_size / 2**30:.1f} GiB) to fingerprint it (once per version of the file) ...")
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    try:  # a memo that cannot be written costs a re-read next time, nothing else
+        memo_folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(memo, digest.encode())
+    except OSError:
+        pass
+    return digest
+
+
+def _folder_digest(folder: Path, names: list[str] | None = None) -> str:
+    """SHA-256 over the relative names and bytes of `names` in `folder` (default: every file)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if names is None else \
+        [folder / name for name in names if (folder / name).is_file()]
+    for file in files:
+        digest.update(f"{file.relative_to(folder)}\n".encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _cache_key(path: Path, tokenizer: Path, config_folder: Path | None, root: Path,
+               log: Callable[[str], None]) -> str:
+    """The converted folder's name: what it is made from, by content (the file, the tokenizer,
+    the configs and scheduler it takes), and the conversion's version."""
+    configs = _folder_digest(config_folder, [f"{part}/config.json" for part in ("unet", "vae", "text_encoder")]
+                             + ["scheduler/scheduler_config.json"]) if config_folder is not None else "sd15"
+    parts = [file_digest(path, root / DIGESTS_DIR, log), _folder_digest(tokenizer), configs, str(CONVERSION_VERSION)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def check_converted_shapes(parts: dict[str, dict[str, np.ndarray]], configs: dict[str, dict], *, source: str) -> None:
+    """WeightFileError naming the single file (`source`) when a converted network does not fit its
+    config: caught at conversion, not later against the cached copy's file names."""
+    for name, model_class in (("unet", UNet2DCondition), ("vae", AutoencoderKL), ("text_encoder", CLIPTextEncoder)):
+        config = model_class.config_class.from_dict(configs[name], source=f"{source} ({name} config)")
+        try:
+            model_class.check_state_dict(config, parts[name], source=f"{source} ({name} weights)")
+        except WeightLoadError as error:
+            raise WeightFileError(str(error)) from None
 
 
 def convert_single_file(checkpoint: dict[str, np.ndarray], configs: dict[str, dict], *,
@@ -148,22 +205,27 @@ def sd15_folder(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None 
         raise WeightFileError(f"{config_folder}: config folder not found")
     tokenizer_folder = _tokenizer_folder(tokenizer, config_folder, path)
     root = Path(cache_root) if cache_root is not None else single_file_cache_root()
-    target = root / _cache_key(path, tokenizer_folder, config_folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else \
+            (error.strerror or str(error))
+        raise WeightFileError(f"{path}: cannot make the folder {root} for its converted copy ({reason}); set "
+                              "XDG_CACHE_HOME to a writable folder") from None
+    target = root / _cache_key(path, tokenizer_folder, config_folder, root, log)
     if (target / "model_index.json").is_file():
         return target
     configs = _configs(config_folder)
     log(f"converting {path} to the diffusers layout in {target} (once; later runs reuse it) ...")
     parts, ema = convert_single_file(read_state_dict(path), configs, source=str(path))
+    check_converted_shapes(parts, configs, source=str(path))
     needed = sum(array.nbytes for state in parts.values() for array in state.values())
-    root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     if free < needed * 1.05:
         raise WeightFileError(f"{path}: converting needs {needed / 2**30:.2f} GiB in {root} and "
                               f"{free / 2**30:.2f} GiB is free; set XDG_CACHE_HOME to a larger disk")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the kept folder gets what mkdir would give
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the kept folder gets what mkdir would give
     try:
         for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                            ("text_encoder", "model")):

@@ -4,12 +4,14 @@ file stem.
     catalog = Catalog.scan("LR", {"XPSR": "out/xpsr", "SeeSR": "out/seesr"})   # StudyError lists gaps
     lr, results = catalog.load("0001", ["SeeSR", "XPSR"])    # uint8 arrays; results at one size
     lr_png, result_pngs = catalog.display_files("0001", ["SeeSR", "XPSR"], folder)   # what the page shows
+    catalog.sources()    # {"--lr": Source(folder, fingerprint), "XPSR": ...}: what the votes are cast on
 
 Every method must have a result for every LR image (a missing one is named before the study
 starts). Results of one image are shown at the same size: one that differs from the largest is
 resized to it (bicubic), which `scan` reports. The page gets PNG copies named by a hash of their
 bytes, written once and atomically (so no name says which method made an image, and no reader
-ever meets a half-written file).
+ever meets a half-written file). A file name that is not UTF-8 is refused (the image id travels
+through the database and the page as text).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xpsr_jax.data.images import ImageReadError, encode_png, read_rgb, write_bytes_atomic
+from xpsr_jax.data.images import ImageReadError, encode_png, read_rgb
+from xpsr_jax.files import write_bytes_atomic
 from xpsr_jax.files import IMAGE_SUFFIXES
-from xpsr_jax.study.store import StudyError
+from xpsr_jax.study.store import LR_SOURCE, Source, StudyError
 
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,39}$")
 
@@ -50,6 +53,8 @@ def _images_by_stem(folder: Path, what: str) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
+        if not _utf8(path.name):
+            raise StudyError(f"{what} {folder}: the file name {path.name!r} is not UTF-8 text; rename it")
         if path.stem in found:
             raise StudyError(f"{what} {folder}: {found[path.stem].name} and {path.name} share the name "
                              f"{path.stem!r}; keep one")
@@ -61,6 +66,7 @@ def _images_by_stem(folder: Path, what: str) -> dict[str, Path]:
 class Catalog:
     lr: dict[str, Path]  # image id (stem) -> LR file
     results: dict[str, dict[str, Path]]  # method -> image id -> result file
+    folders: dict[str, Path] = field(default_factory=dict)  # LR_SOURCE or method -> its folder, resolved
     _shown: dict = field(default_factory=dict, repr=False)  # (folder, image, methods) -> display PNGs
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -86,7 +92,16 @@ class Catalog:
         if gaps:
             raise StudyError("the method folders must hold a result for every LR image (matched by file name "
                              "without extension): " + "; ".join(gaps))
-        return cls(lr, {name: {image: found[image] for image in lr} for name, found in results.items()})
+        folders = {LR_SOURCE: Path(lr_folder).resolve()} | {name: Path(folder).resolve()
+                                                            for name, folder in methods.items()}
+        return cls(lr, {name: {image: found[image] for image in lr} for name, found in results.items()}, folders)
+
+    def sources(self) -> dict[str, Source]:
+        """The LR folder (LR_SOURCE) and each method's folder with a fingerprint of the images the
+        study shows from it: what a study database records, so that the same names over other
+        images are refused. Reads every file once."""
+        files = {LR_SOURCE: self.lr} | self.results
+        return {name: Source(str(self.folders[name]), fingerprint(files[name])) for name in files}
 
     def load(self, image: str, methods: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         """(LR, results of `methods` in that order at one size) as uint8 RGB."""
@@ -100,14 +115,22 @@ class Catalog:
                     np.asarray(Image.fromarray(r).resize((width, height), Image.BICUBIC)) for r in results]
 
     def display_files(self, image: str, methods: Sequence[str], folder: Path) -> tuple[Path, list[Path]]:
-        """`load`'s images as PNG files in `folder`, each named by the SHA-256 of its bytes."""
+        """`load`'s images as PNG files in `folder`, each named by the SHA-256 of its bytes. A file
+        that cannot be read or written is a StudyError without its path (a result's path would
+        say which method made it); the path is in its `detail`, for the server's log."""
         key = (folder, image, tuple(sorted(methods)))
         with self._lock:
-            if key not in self._shown:
-                lr, results = self.load(image, sorted(methods))
-                self._shown[key] = {None: _content_named_png(lr, folder)} | {
-                    method: _content_named_png(result, folder) for method, result in zip(sorted(methods), results)}
-            shown = self._shown[key]
+            shown = self._shown.get(key)
+            if shown is None or not all(path.exists() for path in shown.values()):  # or removed since (a /tmp cleaner)
+                try:
+                    lr, results = self.load(image, sorted(methods))
+                    shown = {None: _content_named_png(lr, folder)} | {
+                        method: _content_named_png(result, folder) for method, result in zip(sorted(methods), results)}
+                except (StudyError, OSError) as error:
+                    raise StudyError(f"image {image} cannot be shown now: one of its files cannot be read, or its "
+                                     "copy for the page cannot be written (the server's log says which)",
+                                     detail=str(error)) from None
+                self._shown[key] = shown
         return shown[None], [shown[method] for method in methods]
 
     def size_mismatches(self) -> list[str]:
@@ -127,6 +150,26 @@ class Catalog:
             if len(sizes) > 1:
                 mismatched.append(image)
         return mismatched
+
+
+def fingerprint(files: Mapping[str, Path]) -> str:
+    """SHA-256 over the sorted image ids and each file's bytes: equal for the same images under the
+    same ids, in whatever folder; different when any file or id differs."""
+    digest = hashlib.sha256()
+    for image in sorted(files):
+        with files[image].open("rb") as file:
+            content = hashlib.file_digest(file, "sha256").digest()
+        name = image.encode()
+        digest.update(len(name).to_bytes(4, "big") + name + content)  # length-prefixed: ids cannot run together
+    return digest.hexdigest()
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # undecodable bytes of the file system's name, as surrogate escapes
+        return False
+    return True
 
 
 def _names(names: list[str]) -> str:

@@ -4,24 +4,28 @@ supplement Table 1.
     python -m xpsr_jax.study serve --lr LR --method XPSR=out/xpsr --method SeeSR=out/seesr --db votes.sqlite
     python -m xpsr_jax.study report --db votes.sqlite --out study-report
 
-`serve` checks that every method has a result for every LR image (by file name without extension)
-and that the database is new or of the same study, then serves the voting page. Each vote is
-committed to SQLite before the page hears back, so stopping or killing the server loses nothing
-that was acknowledged; serving again with the same --db resumes.
+`serve` checks that every method has a result for every LR image (by file name without extension),
+that the address is free, and that the database is new (or an empty file) or of the same study
+(the same method names over the same images: a fingerprint of each folder's images is recorded)
+and takes a write, then serves the voting page. Each vote is committed to SQLite before the page
+hears back, so stopping or killing the server loses nothing that was acknowledged; serving again
+with the same --db resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from xpsr_jax.cli_config import report_error
 from xpsr_jax.study.app import serve
 from xpsr_jax.study.catalog import Catalog, parse_method
 from xpsr_jax.study.report import summarize, write_report
-from xpsr_jax.study.store import StudyError, VoteStore
+from xpsr_jax.study.store import LR_SOURCE, Source, StudyError, VoteStore
 
 EXTRA_HINT = "pip install 'xpsr-jax[demo]' (or pip install -e '.[demo]' in a checkout)"
 
@@ -36,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--method", action="append", required=True, metavar="NAME=DIR",
                               help="a method's results, one file per LR image with the same name (repeat: at "
                                    "least two); names never reach the page")
-    serve_parser.add_argument("--db", required=True, help="the SQLite file of the votes (made if missing; an "
-                                                          "existing one must be of the same study)")
+    serve_parser.add_argument("--db", required=True, help="the SQLite file of the votes (made if missing or "
+                                                          "empty; an existing one must be of the same study)")
     serve_parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; 0.0.0.0 serves "
                                                                   "the network)")
     serve_parser.add_argument("--port", type=int, default=7861, help="port (default 7861)")
@@ -61,12 +65,19 @@ def run_serve(args) -> int:
         raise StudyError(f"--port {args.port}: give a port in 1..65535")
     if importlib.util.find_spec("gradio") is None:
         raise StudyError(f"the voting page needs Gradio: {EXTRA_HINT}")
+    check_address(args.host, args.port)
     catalog = Catalog.scan(args.lr, methods)
     resized = catalog.size_mismatches()
     if resized:
         print(f"note: {len(resized)} image(s) have results of different sizes between methods (shown resized to "
               f"the largest): {', '.join(resized[:10])}", flush=True)
-    store = VoteStore.open(args.db, methods=catalog.methods, images=catalog.images)
+    sources = catalog.sources()
+    for names in identical_methods(sources):
+        print(f"note: --method {', '.join(names)} have identical images: participants cannot tell them apart (a "
+              "control for position bias, or one folder given twice?)", flush=True)
+    store = VoteStore.open(args.db, methods=catalog.methods, images=catalog.images, sources=sources)
+    for note in store.notes:
+        print(f"note: {note}", flush=True)
     votes = store.totals()["votes"]
     print(f"study of {len(catalog.methods)} methods x {len(catalog.images)} images; {votes} vote(s) in {args.db} "
           f"so far; on http://{args.host}:{args.port} (Ctrl+C stops it)", flush=True)
@@ -77,6 +88,28 @@ def run_serve(args) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def identical_methods(sources: Mapping[str, Source]) -> list[list[str]]:
+    """Groups of methods whose images are the same files' bytes (by fingerprint)."""
+    groups: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        if name != LR_SOURCE:
+            groups.setdefault(source.fingerprint, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuses an address this machine cannot listen on (a host name it does not have, a port in
+    use) before the study's database is opened. Gradio binds it again moments later."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+            probe.bind(address)
+    except OSError as error:
+        other = "--port" if error.errno == errno.EADDRINUSE else "--host (an address of this machine) or --port"
+        raise StudyError(f"cannot serve on {host}:{port}: {error.strerror or error}; give another {other}") from None
 
 
 def run_report(args) -> int:
@@ -98,3 +131,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StudyError, OSError) as error:
         report_error(error)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C before serving (a long fingerprint): no traceback
+        return 130

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from xpsr_jax.data.images import write_bytes_atomic
+from xpsr_jax.files import write_bytes_atomic
 from xpsr_jax.evaluation.paper import PAPER_USER_STUDY
 from xpsr_jax.study.store import StudyError, VoteStore
 
@@ -84,9 +84,14 @@ def to_markdown(report: StudyReport) -> str:
         lines.append("| paper (supplement Table 1) | " + " | ".join(_percent(m.paper_rate) for m in report.methods)
                      + " |")
     lines += ["", "## Votes per image", "", "| image | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {image} | " + " | ".join(str(row[name]) for name in names) + " |"
+    lines += [f"| {_cell(image)} | " + " | ".join(str(row[name]) for name in names) + " |"
               for image, row in report.per_image.items()]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """An image id (a file name: any character) as one Markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def to_json(report: StudyReport) -> dict:
@@ -129,5 +134,8 @@ def write_report(report: StudyReport, out: str | Path) -> list[Path]:
                                                                           + "\n").encode(),
                 "selection_rates.png": chart_png(report)}
     for name, data in contents.items():
-        write_bytes_atomic(out / name, data)
+        try:
+            write_bytes_atomic(out / name, data)
+        except OSError as error:
+            raise StudyError(f"--out {out}: cannot write {name} there ({error.strerror or error})") from None
     return [out / name for name in contents]

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from xpsr_jax.cli_config import load_config_file
 from xpsr_jax.data import images as image_io
-from xpsr_jax.data.images import IMAGE_SUFFIXES
+from xpsr_jax.files import IMAGE_SUFFIXES
 from xpsr_jax.inference.pipeline import XPSRPipeline
 from xpsr_jax.models import load_clip_tokenizer
 from xpsr_jax.schedulers import load_scheduler_config

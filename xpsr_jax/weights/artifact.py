@@ -24,6 +24,7 @@ import numpy as np
 from jax import export
 from safetensors.flax import load_file
 
+from xpsr_jax.seeds import seed_key_data
 from xpsr_jax.weights.formats import (
     MANIFEST,
     STABLEHLO,
@@ -224,7 +225,7 @@ class StableHLOArtifact:
     @staticmethod
     def keys_from_seeds(seeds: Sequence[int]) -> np.ndarray:
         """uint32 (B, 2): each image's key data from its seed, as XPSRPipeline derives them."""
-        return np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(int(s)))) for s in seeds])
+        return seed_key_data(seeds)
 
     # ------------------------------------------------------------ the functions
 

@@ -58,6 +58,58 @@ def module_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
+def _matched_tensors(module: nnx.Module, state_dict: dict[str, np.ndarray], *, source: str, ignore: Iterable[str],
+                     rename: Callable[[str], str] | None):
+    """(graphdef, params, rest, flat params, {path: the file's tensor in the module's layout}), or
+    WeightLoadError naming `source` and every missing, unexpected or mis-shaped tensor."""
+    ignore_patterns = [re.compile(p) for p in ignore]
+    tensors = {}
+    for name, array in state_dict.items():
+        if any(p.fullmatch(name) for p in ignore_patterns):
+            continue
+        tensors[rename(name) if rename else name] = array
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    flat = _flat_params(params)
+    expected = {torch_key(path): path for path in flat}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mis_shaped = []
+    matched = {}
+    for key, path in expected.items():
+        if key not in tensors:
+            continue
+        flax_shape = tuple(flat[path].get_value().shape)
+        array = np.asarray(tensors[key])
+        converted = from_torch_layout(path[-1], array, flax_shape)
+        if tuple(converted.shape) != flax_shape:
+            torch_shape = tuple(to_torch_layout(path[-1], np.empty(flax_shape, np.uint8)).shape)
+            mis_shaped.append(f"{key}: file has {tuple(array.shape)}, model expects {torch_shape}")
+            continue
+        matched[path] = converted
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): " + ", ".join(missing[:20])
+                        + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected[:20])
+                        + (" ..." if len(unexpected) > 20 else ""))
+    if mis_shaped:
+        problems.append(f"{len(mis_shaped)} mis-shaped tensor(s): " + "; ".join(mis_shaped[:20]))
+    if problems:
+        raise WeightLoadError(f"{source}: state dict does not match {type(module).__name__}: "
+                              + " | ".join(problems))
+    return graphdef, params, rest, flat, matched
+
+
+def check_state_dict_fits(module: nnx.Module, state_dict: dict[str, np.ndarray], *, source: str,
+                          ignore: Iterable[str] = (), rename: Callable[[str], str] | None = None) -> None:
+    """WeightLoadError naming `source` when `state_dict` would not load into `module` (real or
+    abstract) with `load_state_dict_into`; nothing is loaded."""
+    _matched_tensors(module, state_dict, source=source, ignore=ignore, rename=rename)
+
+
 def load_state_dict_into(
     module: nnx.Module,
     state_dict: dict[str, np.ndarray],
@@ -75,46 +127,10 @@ def load_state_dict_into(
     naming `source` and every offending tensor. Returns the module with the loaded parameters,
     cast to `dtype` (default: the module's parameter dtypes).
     """
-    ignore_patterns = [re.compile(p) for p in ignore]
-    tensors = {}
-    for name, array in state_dict.items():
-        if any(p.fullmatch(name) for p in ignore_patterns):
-            continue
-        tensors[rename(name) if rename else name] = array
-
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    flat = _flat_params(params)
-    expected = {torch_key(path): path for path in flat}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mis_shaped = []
-    loaded = {}
-    for key, path in expected.items():
-        if key not in tensors:
-            continue
-        variable = flat[path]
-        flax_shape = tuple(variable.get_value().shape)
-        array = np.asarray(tensors[key])
-        converted = from_torch_layout(path[-1], array, flax_shape)
-        if tuple(converted.shape) != flax_shape:
-            torch_shape = tuple(to_torch_layout(path[-1], np.empty(flax_shape, np.uint8)).shape)
-            mis_shaped.append(f"{key}: file has {tuple(array.shape)}, model expects {torch_shape}")
-            continue
-        target_dtype = dtype or variable.get_value().dtype
-        loaded[path] = jnp.asarray(converted, dtype=target_dtype)
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): " + ", ".join(missing[:20])
-                        + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): " + ", ".join(unexpected[:20])
-                        + (" ..." if len(unexpected) > 20 else ""))
-    if mis_shaped:
-        problems.append(f"{len(mis_shaped)} mis-shaped tensor(s): " + "; ".join(mis_shaped[:20]))
-    if problems:
-        raise WeightLoadError(f"{source}: state dict does not match {type(module).__name__}: "
-                              + " | ".join(problems))
+    graphdef, params, rest, flat, matched = _matched_tensors(module, state_dict, source=source, ignore=ignore,
+                                                             rename=rename)
+    loaded = {path: jnp.asarray(array, dtype=dtype or flat[path].get_value().dtype)
+              for path, array in matched.items()}
 
     for path, variable in flat.items():
         variable.set_value(loaded[path])

@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from xpsr_jax.files import update_sampled
 from xpsr_jax.weights.formats import (
     ORBAX_INFERENCE,
     SD15_TRAINING_PARTS,
@@ -19,21 +20,6 @@ from xpsr_jax.weights.formats import (
 )
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
-_SAMPLES = 16  # evenly spaced chunks per weight file
-_CHUNK = 1 << 16
-
-
-def _file_fingerprint(path: Path, digest) -> None:
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}\n".encode())
-    with open(path, "rb") as handle:
-        if size <= (_SAMPLES + 16) * _CHUNK:
-            digest.update(handle.read())
-            return
-        digest.update(handle.read(1 << 20))  # the safetensors header lives at the start
-        for index in range(_SAMPLES):
-            handle.seek((size - _CHUNK) * (index + 1) // _SAMPLES)
-            digest.update(handle.read(_CHUNK))
 
 
 def weights_fingerprint(folder: str | os.PathLike, subfolders=SD15_TRAINING_PARTS) -> str:
@@ -47,7 +33,7 @@ def weights_fingerprint(folder: str | os.PathLike, subfolders=SD15_TRAINING_PART
             continue
         for path in sorted(p for p in part.iterdir() if p.suffix in WEIGHT_SUFFIXES):
             digest.update(f"{sub}/".encode())
-            _file_fingerprint(path, digest)
+            update_sampled(digest, path)
     return digest.hexdigest()
 
 
@@ -58,7 +44,7 @@ def tree_fingerprint(folder: str | os.PathLike) -> str:
     root = Path(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(root).parent}/".encode())
-        _file_fingerprint(path, digest)
+        update_sampled(digest, path)
     return digest.hexdigest()
 
 

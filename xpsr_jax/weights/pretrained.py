@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import rnglib
 
-from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict
+from xpsr_jax.weights.convert import check_state_dict_fits, load_state_dict_into, module_state_dict
 from xpsr_jax.weights.files import (
     read_state_dict,
     resolve_weights_file,
@@ -98,6 +98,14 @@ class PretrainedMixin:
             rename=cls.rename_legacy_key,
             dtype=param_dtype,
         )
+
+    @classmethod
+    def check_state_dict(cls, config, state_dict: dict, *, source: str) -> None:
+        """WeightLoadError naming `source` when `state_dict` would not load into the model of
+        `config` (missing, unexpected or mis-shaped tensors); nothing is computed or loaded."""
+        abstract = eval_shape_model(lambda: cls(config, rngs=nnx.Rngs(0)))
+        check_state_dict_fits(abstract, state_dict, source=source, ignore=cls.state_dict_ignore,
+                              rename=cls.rename_legacy_key)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write `config.json` and `{weights_stem}.safetensors` (PyTorch layout) into `folder`."""
