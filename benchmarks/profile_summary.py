@@ -208,7 +208,10 @@ def op_events(trace_dir: str):
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir} (was jax.profiler.trace given this folder?)")
     data = ProfileData.from_file(files[-1])
-    device_planes = [plane for plane in data.planes if plane.name.startswith("/device:")]
+    # Accelerator planes only: libtpu adds an empty "/device:CUSTOM:Megascale Trace" plane to every
+    # trace, TPU or not.
+    device_planes = [plane for plane in data.planes
+                     if plane.name.startswith("/device:") and not plane.name.startswith("/device:CUSTOM")]
     events = []
     for plane in device_planes:
         lines = list(plane.lines)

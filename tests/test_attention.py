@@ -67,11 +67,13 @@ def test_cpu_auto_follows_the_crossover_table(monkeypatch):
         q = jnp.zeros((2, tokens, 1, 8))
         assert attention.cpu_auto_backend(tokens, tokens) == backend
         assert resolve_backend("auto", q, q) == backend
-    # Accelerator rules are untouched: TPU -> xla, GPU without cuDNN -> chunked, else cuDNN.
+    # Accelerator rules: TPU -> splash for long self-attention, else xla; GPU without cuDNN ->
+    # chunked, else cuDNN.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_backend("auto", q, q) == "chunked"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert resolve_backend("auto", q, q) == "xla"
+    assert resolve_backend("auto", q, q) == ("splash" if tokens >= attention.TPU_SPLASH_MIN_TOKENS else "xla")
+    assert resolve_backend("auto", q[:, :256], q[:, :256]) == "xla"
     monkeypatch.setattr(attention, "_cudnn_applies", lambda query, value: True)
     assert resolve_backend("auto", q, q) == "cudnn"
 

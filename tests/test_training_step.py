@@ -128,7 +128,7 @@ def test_four_devices_data_and_fsdp_match_one_device(run, tmp_path):
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     results = json.loads(line[len("RESULT "):])
     print(results)
-    for label in ("data4", "fsdp2"):
+    for label in ("data4", "fsdp2", "zero1"):
         assert results[label]["loss_rel_error"] < 1e-5, (label, results[label])
         # Adam divides by sqrt(v): float noise in near-zero gradients moves a parameter by up to
         # ~lr (1e-3 here) in either direction, so the tolerance is a fraction of the step size
@@ -136,6 +136,7 @@ def test_four_devices_data_and_fsdp_match_one_device(run, tmp_path):
         assert results[label]["params_max_abs_error"] < 0.1 * TINY_LEARNING_RATE, (label, results[label])
     assert results["fsdp2"]["sharded_params"] > 0 and results["fsdp2"]["sharded_frozen"] > 0
     assert results["fsdp2"]["resumed_from_other_layouts"] == 2
+    assert results["zero1"]["optimizer_split"] * 2 == results["zero1"]["optimizer_whole"]  # each device: half
 
 
 def test_optimizer_matches_torch_adamw_with_clipping():
@@ -222,3 +223,34 @@ def test_mesh_shapes_and_partition_rule():
     assert fsdp_partition_spec((320,), 2) == P()  # small: replicated
     assert fsdp_partition_spec((4097, 3), 2) == P()  # no divisible dimension
     assert fsdp_partition_spec((3, 3, 320, 640), 1) == P()
+
+
+def test_checkpoints_may_live_outside_the_workdir_or_in_a_bucket(tmp_path):
+    """`checkpoint_dir` moves the checkpoints out of the workdir (a local stand-in for gs://): the
+    loop's readers and the export find them there; a bucket URL is never turned into a local path."""
+    import json as json_module
+
+    import jax.numpy as jnp
+
+    from xpsr_jax.export.torch_layout import resolve_checkpoint
+    from xpsr_jax.training.checkpoint import (
+        TrainCheckpoints,
+        checkpoint_directory,
+        finalized_steps,
+        read_checkpoint_meta,
+        storage_path,
+    )
+
+    bucket = checkpoint_directory(tmp_path / "run", "gs://bucket/xpsr/ckpt")
+    assert str(bucket) == "gs://bucket/xpsr/ckpt" and str(bucket / "7") == "gs://bucket/xpsr/ckpt/7"
+    assert str(checkpoint_directory(tmp_path / "run")) == str(tmp_path / "run" / "checkpoints")
+    assert not (tmp_path / "run").exists() and str(storage_path("gs://b/c")) == "gs://b/c"
+
+    elsewhere = tmp_path / "elsewhere"
+    checkpoints = TrainCheckpoints(checkpoint_directory(tmp_path / "run", str(elsewhere)), keep=2, async_save=False)
+    checkpoints.save(3, {"w": jnp.arange(4.0)}, {"step": 3, "config": {}, "frozen_base": {}})
+    checkpoints.close()
+    assert finalized_steps(elsewhere) == [3] and read_checkpoint_meta(elsewhere, 3)["step"] == 3
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json_module.dumps({"checkpoint_dir": str(elsewhere)}))
+    assert str(resolve_checkpoint(tmp_path / "run")) == str(elsewhere / "3")

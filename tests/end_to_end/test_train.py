@@ -21,6 +21,7 @@ from tests.helpers.tensorboard_events import read_scalars
 from tests.helpers.train_cli_fixtures import (run_and_signal, run_train, run_two_processes,
                                 write_validation_images)
 from xpsr_jax.training import metrics as metrics_lib
+from xpsr_jax.training.checkpoint import read_checkpoint_meta
 
 from tests.test_train_cli import LOSS_KEYS, TOTAL_STEPS, losses, setup  # noqa: F401  (setup: a fixture)
 
@@ -165,3 +166,21 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(se
                 (step, key)
 
 
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_a_run_saves_one_step_together(setup, tmp_path):
+    """A pod's maintenance event: every host gets SIGTERM, each at its own moment. The processes
+    agree on one step (a collective after each step), all save it and stop (resuming a checkpoint
+    written by two processes is `test_two_processes_match_one_process...`'s)."""
+    workdir = tmp_path / "run"
+    flags = (*RUN_FLAGS, "--config.pipeline.batch_size=2", "--config.checkpoint_every=1000")
+    stopped = run_two_processes(setup, workdir, *flags, signal_after_step=2, signal_gap=0.5)
+    for process_id, done in enumerate(stopped):
+        assert done.returncode == 0, (process_id, done.stderr[-3000:])
+    line = next(line for line in stopped[0].stdout.splitlines() if "stopped by SIGTERM at step" in line)
+    steps = int(line.split("at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [steps] and 2 <= steps < TOTAL_STEPS  # one checkpoint, where they stopped together
+    assert read_checkpoint_meta(workdir / "checkpoints", steps)["step"] == steps
+    assert sorted(losses(workdir)) == list(range(1, steps + 1))  # no step after the agreed one

@@ -151,9 +151,11 @@ def run_and_signal(setup: TinySetup, workdir: Path, *overrides: str, after_step:
     return Finished(process.returncode, out, err)
 
 
-def run_two_processes(setup: TinySetup, workdir: Path, *overrides: str,
-                      timeout: float = 3600) -> list[Finished]:
-    """Two train.py processes on localhost (2 simulated CPU devices each, gloo collectives)."""
+def run_two_processes(setup: TinySetup, workdir: Path, *overrides: str, timeout: float = 3600,
+                      signal_after_step: int | None = None, signal_gap: float = 0.3) -> list[Finished]:
+    """Two train.py processes on localhost (2 simulated CPU devices each, gloo collectives).
+    `signal_after_step`: once metrics.jsonl shows that step, SIGTERM to process 0, then
+    `signal_gap` seconds later to process 1 (as a pod's hosts get a maintenance event)."""
     port = free_port()
     processes = []
     for process_id in range(2):
@@ -165,6 +167,15 @@ def run_two_processes(setup: TinySetup, workdir: Path, *overrides: str,
                                           text=True))
     results = []
     try:
+        if signal_after_step is not None:
+            deadline = time.monotonic() + timeout
+            while logged_steps(workdir) < signal_after_step:
+                if any(process.poll() is not None for process in processes) or time.monotonic() > deadline:
+                    raise AssertionError(f"the processes ended or stalled before step {signal_after_step}")
+                time.sleep(0.05)
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+                time.sleep(signal_gap)
         for process in processes:
             out, err = process.communicate(timeout=timeout)
             results.append(Finished(process.returncode, out, err))

@@ -71,7 +71,8 @@ def main() -> None:
     schedule = noise_schedule_from_config(load_scheduler_config(root / "sd15" / "scheduler"))
     results = {}
     for label, mesh_overrides in (("data4", dict(data=-1, fsdp=1)),
-                                  ("fsdp2", dict(data=2, fsdp=2, shard_trainable=True, shard_frozen=True))):
+                                  ("fsdp2", dict(data=2, fsdp=2, shard_trainable=True, shard_frozen=True)),
+                                  ("zero1", dict(data=2, fsdp=2, shard_optimizer=True))):
         config = tiny_train_config(**mesh_overrides)
         models = load_training_models(str(root / "sd15"), str(root / "release"), SFA_EVERYWHERE,
                                       attention_backend="xla")
@@ -97,6 +98,12 @@ def main() -> None:
             assert frozen_sharded > 0
             specs["sharded_frozen"] = int(frozen_sharded)
             assert specs["sharded_params"] > 0 and specs["replicated_params"] > 0
+        if label == "zero1":  # params whole on every device, the optimizer's flat buffers split over fsdp
+            flat_mu = state.opt_state[1][0].mu
+            assert set(flat_mu) == {"float32"} and flat_mu["float32"].sharding.spec == P("fsdp"), flat_mu
+            assert all(leaf.sharding.spec == P() for leaf in jax.tree.leaves(state.params))
+            specs["optimizer_split"] = int(flat_mu["float32"].addressable_shards[0].data.size)
+            specs["optimizer_whole"] = int(flat_mu["float32"].size)
         batch = global_batch(fixed_batch(4), mesh)
         assert batch["pixel_values"].sharding.spec == P(("data", "fsdp"))
         step = make_train_step(config, graphdefs, schedule, mesh, state, frozen, batch)

@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.log_every = 50  # steps between metrics.jsonl / TensorBoard lines
     config.checkpoint_every = 2_500  # steps between async orbax saves (also on SIGTERM)
     config.keep_checkpoints = 3  # keep the last N checkpoints
+    # Where the checkpoints go: "" = WORKDIR/checkpoints; a folder or a bucket (gs://bucket/run/ckpt:
+    # orbax writes it from every host of a pod; the workdir keeps config, metrics and logs).
+    config.checkpoint_dir = ""
 
     config.optimizer = config_dict.ConfigDict()
     config.optimizer.learning_rate = 5e-5  # peak learning rate (official AdamW)
@@ -93,6 +96,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.mesh.fsdp = 1
     config.mesh.shard_trainable = False  # trainable params + optimizer state over fsdp
     config.mesh.shard_frozen = False  # frozen weights over fsdp (else replicated)
+    # Only the optimizer state over fsdp, params whole on every chip (ZeRO-1): most of fsdp's memory
+    # saving for AdamW (its two moments, and the accumulated gradients, are 3x the params) with a
+    # handful of collectives instead of one per tensor. Not with shard_trainable (which has it).
+    config.mesh.shard_optimizer = False
 
     # Gradient checkpointing per network: "none" | "attention" (cross-attention blocks) | "full".
     # XLA's persistent compilation cache: "default" = WORKDIR/compile_cache (a resumed run, or

@@ -42,7 +42,8 @@ from xpsr_jax.models.loading import abstract_network, load_inference_checkpoint
 from xpsr_jax.models.unet import UNet2DCondition
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
 from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
-from xpsr_jax.training.checkpoint import CHECKPOINT_DIR, finalized_steps
+from xpsr_jax.training.checkpoint import checkpoint_directory, finalized_steps
+from xpsr_jax.training.config import WORKDIR_CONFIG_FILE
 from xpsr_jax.training.models import check_release_config, sfa_overrides
 from xpsr_jax.training.trainable import split_trainable
 from xpsr_jax.weights.convert import load_state_dict_into, module_state_dict
@@ -94,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> Path:
-    """WORKDIR/checkpoints/<step> (the latest finished one by default)."""
-
-    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    """The run's checkpoint folder (its config's `checkpoint_dir`, local or a bucket, else
+    WORKDIR/checkpoints) /<step>: the latest finished one by default."""
+    directory = checkpoint_directory(workdir, _recorded_checkpoint_dir(Path(workdir)))
     steps = finalized_steps(directory)
     if not steps:
         raise ExportError(f"{directory}: no finished training checkpoint (is --workdir a training workdir?)")
@@ -105,6 +106,14 @@ def resolve_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> P
     if step not in steps:
         raise ExportError(f"{directory}: no checkpoint of step {step}; finished steps: {steps}")
     return directory / str(step)
+
+
+def _recorded_checkpoint_dir(workdir: Path) -> str:
+    """The `checkpoint_dir` the run in `workdir` was configured with ("" when none or unknown)."""
+    try:
+        return str(json.loads((workdir / WORKDIR_CONFIG_FILE).read_text()).get("checkpoint_dir") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def read_meta(checkpoint: Path) -> dict:

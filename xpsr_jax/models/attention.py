@@ -13,9 +13,17 @@ Backends (`attention_backend` in every model config):
                  (batch x heads x query block x key block) stays in cache; block sizes chosen
                  from the shape (`blockwise_block_sizes`). Each query block is rematerialised
                  in the backward pass. On CPU this is what PyTorch's SDPA does.
-  - "auto":      cudnn where it applies (GPU + half precision + supported head dim); on TPU xla
-                 (XLA:TPU fuses attention well); on CPU by shape, from the measured crossovers
-                 in `CPU_AUTO_CROSSOVERS`; chunked on other GPUs and GPU fp32.
+  - "splash":    the Pallas TPU kernel `splash_attention` (flash-style, never materialises the
+                 logits), under `shard_map` over the context mesh's axes when one is set
+                 (`jax.set_mesh`: Mosaic kernels are not partitioned automatically). SD's head dims
+                 (40 / 80 / 160) are zero-padded to the 128 lanes, sequences to the kernel's block
+                 (padded keys masked by segment ids). Off TPU it runs in Pallas interpret mode
+                 (slow; for tests).
+  - "auto":      cudnn where it applies (GPU + half precision + supported head dim); on TPU
+                 splash for self-attention of at least `TPU_SPLASH_MIN_TOKENS` tokens, else xla;
+                 on CPU by shape, from the measured crossovers in `CPU_AUTO_CROSSOVERS`; chunked on
+                 other GPUs and GPU fp32. The platform is that of the mesh being compiled for
+                 (a compile-only TPU mesh on a CPU host counts as TPU).
 """
 
 from __future__ import annotations
@@ -26,10 +34,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    BlockSizes,
+    FullMask,
+    MultiHeadMask,
+    SegmentIds,
+    make_splash_mha,
+)
 
 from xpsr_jax.models.layers import linear
 
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "chunked", "blockwise")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "chunked", "blockwise", "splash")
 # Query chunk of the "chunked" backend. Measured on a 2-core CPU, 2 x 8 heads x 40 dims:
 # 4096 tokens take 652 ms with 128-query chunks, 1055 ms with 256+, 1854 ms unchunked (PyTorch
 # SDPA 313 ms); on GPUs chunks only bound memory, so they stay large.
@@ -70,6 +85,17 @@ CPU_AUTO_CROSSOVERS: tuple[tuple[float, str], ...] = (
 )
 
 
+# "splash": sequences are padded to blocks of up to SPLASH_MAX_BLOCK tokens, head dims to the lanes.
+SPLASH_LANES = 128
+SPLASH_MAX_BLOCK = 512
+# "auto" on TPU: splash for self-attention from this many tokens. Compiled for v5e (fwd + bwd, bf16,
+# 2 images x 8 heads per chip; `python -m benchmarks.tpu_pods --rows attention`), XLA's attention
+# needs no scratch up to 1024 tokens (it fuses), 486 MiB at 2304 (48x48 latents), 1,536 MiB at
+# 4096; splash under 2 MiB at every length. No TPU was at hand to time them: the switch is where
+# XLA starts to hold the logits.
+TPU_SPLASH_MIN_TOKENS = 2048
+
+
 def cpu_auto_backend(q_len: int, k_len: int) -> str:
     """The backend "auto" picks on CPU for this shape (`CPU_AUTO_CROSSOVERS`)."""
     logits = q_len * k_len
@@ -94,17 +120,27 @@ def _cudnn_applies(query: jax.Array, value: jax.Array) -> bool:
     return head_dim % 8 == 0 and head_dim <= max_head_dim and value.shape[-1] == head_dim
 
 
+def target_platform() -> str:
+    """The platform the current computation is for: the context mesh's (`jax.set_mesh`), which may
+    be compile-only TPU devices on a CPU host, else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_backend(backend: str, query: jax.Array, value: jax.Array) -> str:
-    """The concrete backend "auto" stands for, given the inputs and the default device."""
+    """The concrete backend "auto" stands for, given the inputs and the target platform."""
     validate_backend(backend)
     if backend != "auto":
         return backend
     if _cudnn_applies(query, value):
         return "cudnn"
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "cpu":
         return cpu_auto_backend(query.shape[1], value.shape[1])
-    return "xla" if platform == "tpu" else "chunked"
+    if platform == "tpu":
+        return "splash" if min(query.shape[1], value.shape[1]) >= TPU_SPLASH_MIN_TOKENS else "xla"
+    return "chunked"
 
 
 def _xla_attention(query, key, value, scale, is_causal):
@@ -202,6 +238,66 @@ def _blockwise_attention(query, key, value, scale, query_block, key_block):
     return out[:, :q_len] if q_pad else out
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def splash_block(length: int) -> int:
+    """The splash kernel's block along a sequence of `length`: a multiple of the 128 lanes, at
+    most SPLASH_MAX_BLOCK; the sequence is padded to a multiple of it."""
+    return min(SPLASH_MAX_BLOCK, _round_up(length, SPLASH_LANES))
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, q_len: int, k_len: int, interpret: bool):
+    """The splash kernel of one example (heads, padded lengths); built once per shape (its mask
+    tables are computed in numpy at trace time)."""
+    block_q, block_kv = splash_block(q_len), splash_block(k_len)
+    blocks = BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+                        block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
+    mask = MultiHeadMask([FullMask((q_len, k_len)) for _ in range(heads)])
+    return make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
+
+
+def _splash_local(query, key, value, scale, interpret):
+    """Splash attention on one device's examples (B, L, H, D) -> (B, Lq, H, D)."""
+    batch, q_len, heads, dim = query.shape
+    k_len = key.shape[1]
+    lanes = _round_up(dim, SPLASH_LANES)
+    q_pad = _round_up(q_len, splash_block(q_len)) - q_len
+    k_pad = _round_up(k_len, splash_block(k_len)) - k_len
+
+    def layout(x, length_pad):  # (B, L, H, D) -> (B, H, L + pad, lanes), zero padded
+        x = jnp.pad(x, ((0, 0), (0, length_pad), (0, 0), (0, lanes - dim)))
+        return jnp.transpose(x, (0, 2, 1, 3))
+
+    # The kernel does not scale the logits: scale the queries (before the cast, as xla does).
+    q = layout((query.astype(jnp.float32) * scale).astype(query.dtype), q_pad)
+    k, v = layout(key, k_pad), layout(value, k_pad)
+    kernel = _splash_kernel(heads, q_len + q_pad, k_len + k_pad, interpret)
+    # Padded keys are in segment 0, every query in segment 1: they get no weight.
+    segments = SegmentIds(q=jnp.ones((q_len + q_pad,), jnp.int32),
+                          kv=(jnp.arange(k_len + k_pad) < k_len).astype(jnp.int32))
+    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(q, k, v)
+    return jnp.transpose(out[:, :, :q_len, :dim], (0, 2, 1, 3)).astype(query.dtype)
+
+
+def _splash_attention(query, key, value, scale):
+    """Splash attention over the context mesh: each device runs the kernel on its own examples
+    (shard_map over every mesh axis on the batch); xla where the batch does not split evenly (a
+    tiled sampler's tile batch)."""
+    interpret = target_platform() != "tpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(query, key, value, scale, interpret)
+    if query.shape[0] % mesh.size:
+        return _xla_attention(query, key, value, scale, False)
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        query, key, value)
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -220,7 +316,7 @@ def dot_product_attention(
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve_backend(backend, query, value)
-    if backend in ("chunked", "blockwise") and is_causal:
+    if backend in ("chunked", "blockwise", "splash") and is_causal:
         backend = "xla"  # causal attention here is CLIP's 77 tokens: nothing to save
     if backend == "cudnn":
         return jax.nn.dot_product_attention(
@@ -231,6 +327,8 @@ def dot_product_attention(
             on_cpu = jax.default_backend() == "cpu"
             query_chunk_size = CPU_QUERY_CHUNK_SIZE if on_cpu else ACCELERATOR_QUERY_CHUNK_SIZE
         return _chunked_attention(query, key, value, scale, query_chunk_size)
+    if backend == "splash":
+        return _splash_attention(query, key, value, scale)
     if backend == "blockwise":
         batch, q_len, heads, _ = query.shape
         query_block, key_block = blockwise_block_sizes(batch, heads, q_len, key.shape[1])

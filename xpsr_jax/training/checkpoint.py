@@ -25,10 +25,10 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,25 @@ class _QuietWaitingForSave(logging.Filter):
 _QUIET_WAITING = _QuietWaitingForSave()
 
 
+def storage_path(path: str | os.PathLike) -> epath.Path:
+    """A folder that may be local or in a bucket (`gs://...`): an epath (what orbax and
+    tensorstore take), absolute when local. Every operation on checkpoint folders goes through it,
+    so none is local-only."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def checkpoint_directory(workdir: str | os.PathLike, checkpoint_dir: str = "") -> epath.Path:
+    """Where a run's checkpoints are: `checkpoint_dir` (e.g. gs://bucket/run/checkpoints) when
+    given, else WORKDIR/checkpoints."""
+    return storage_path(checkpoint_dir) if checkpoint_dir else storage_path(workdir) / CHECKPOINT_DIR
+
+
 def finalized_steps(directory: str | os.PathLike) -> list[int]:
     """Steps with a finished checkpoint in `directory`, read from the file system alone (no
     orbax manager, so no cross-process barrier): orbax renames `<step>.orbax-checkpoint-tmp-*`
     to `<step>` only once every item is written, and marks it with `commit_success.txt`."""
-    directory = Path(directory)
+    directory = storage_path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()
@@ -60,11 +74,11 @@ def finalized_steps(directory: str | os.PathLike) -> list[int]:
 
 def read_checkpoint_meta(directory: str | os.PathLike, step: int) -> dict:
     """The `meta` item of checkpoint `step` (orbax's JsonSave layout: meta/metadata)."""
-    path = Path(directory) / str(step) / "meta" / "metadata"
+    path = storage_path(directory) / str(step) / "meta" / "metadata"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"checkpoint {Path(directory) / str(step)}: cannot read {path} "
+        raise ValueError(f"checkpoint {storage_path(directory) / str(step)}: cannot read {path} "
                          f"({error})") from error
 
 
@@ -72,7 +86,7 @@ class TrainCheckpoints:
     """orbax CheckpointManager over `directory` with a `state` (pytree) and a `meta` (JSON) item."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = storage_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,

@@ -159,6 +159,8 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
                 "mesh.shard_trainable", "mesh.shard_frozen"):
         if not isinstance(config_value(config, key), bool):
             raise _bad(key, config_value(config, key), "True | False")
+    if not isinstance(config.mesh.get("shard_optimizer", False), bool):
+        raise _bad("mesh.shard_optimizer", config.mesh.shard_optimizer, "True | False")
 
     _check_int(config, "total_steps", 1)
     _check_int(config, "log_every", 1)
@@ -182,6 +184,9 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
         raise ConfigError("train config: precision.compute_dtype='float16' needs "
                           "precision.loss_scaling='dynamic' (or use compute_dtype='bfloat16')")
 
+    if config.mesh.get("shard_optimizer", False) is True and config.mesh.shard_trainable:
+        raise _bad("mesh.shard_optimizer", True, "False with mesh.shard_trainable=True (the optimizer state is then "
+                                                 "sharded with the params)")
     for key in ("data", "fsdp"):
         value = config.mesh[key]
         if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
@@ -194,6 +199,8 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
     _check_choice(config, "attention_backend", ATTENTION_BACKENDS)
     if not isinstance(config.get("compile_cache", "default"), str):
         raise _bad("compile_cache", config.compile_cache, '"default" (WORKDIR/compile_cache), a folder, or "" (off)')
+    if not isinstance(config.get("checkpoint_dir", ""), str):
+        raise _bad("checkpoint_dir", config.checkpoint_dir, '"" (WORKDIR/checkpoints), a folder or a bucket (gs://...)')
     if not isinstance(config.get("xla_cpu_fast_compile", True), bool):
         raise _bad("xla_cpu_fast_compile", config.xla_cpu_fast_compile, "true or false")
 

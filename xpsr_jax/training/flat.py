@@ -51,19 +51,25 @@ class FlatLayout:
     """How a tree of arrays maps onto a few buffers; build with `FlatLayout.for_params`."""
 
     def __init__(self, treedef: Any, places: tuple[_Place, ...], groups: Mapping[str, tuple[np.dtype, int]],
-                 fsdp_size: int, shard: bool):
+                 fsdp_size: int, shard: bool, shard_optimizer: bool = False):
         self.treedef = treedef
         self.places = places
         self.groups = dict(groups)  # name -> (dtype, total width)
         self.fsdp_size = fsdp_size
         self.shard = shard
+        self.shard_optimizer = shard_optimizer  # replicated params, their flat buffers split over fsdp
 
     @classmethod
-    def for_params(cls, tree: Any, *, fsdp_size: int = 1, shard: bool = False) -> "FlatLayout":
+    def for_params(cls, tree: Any, *, fsdp_size: int = 1, shard: bool = False,
+                   shard_optimizer: bool = False) -> "FlatLayout":
         """The layout of `tree` (arrays or ShapeDtypeStructs) under the fsdp rule of
-        `sharding.tree_shardings(tree, mesh, shard=shard)`."""
+        `sharding.tree_shardings(tree, mesh, shard=shard)`. `shard_optimizer` (params replicated):
+        each group's buffer is padded to a multiple of fsdp and split over it, so the optimizer state
+        made of such buffers is spread over the chips (ZeRO stage 1) while the forward pass sees
+        whole parameters and needs no collective."""
         shard = bool(shard) and fsdp_size > 1
-        fsdp_size = fsdp_size if shard else 1  # one canonical layout per outcome (see `record`)
+        shard_optimizer = bool(shard_optimizer) and fsdp_size > 1 and not shard
+        fsdp_size = fsdp_size if shard or shard_optimizer else 1  # one canonical layout per outcome (`record`)
         leaves, treedef = jax.tree.flatten(tree)
         places, widths, dtypes = [], {}, {}
         for leaf in leaves:
@@ -75,11 +81,16 @@ class FlatLayout:
             places.append(_Place(group, widths.get(group, 0), width, shape, axis))
             widths[group] = widths.get(group, 0) + width
             dtypes[group] = dtype
-        return cls(treedef, tuple(places), {g: (dtypes[g], widths[g]) for g in sorted(widths)}, fsdp_size, shard)
+        return cls(treedef, tuple(places), {g: (dtypes[g], widths[g]) for g in sorted(widths)}, fsdp_size, shard,
+                   shard_optimizer)
+
+    def _padded(self, width: int) -> int:
+        """A replicated group's buffer length: a multiple of fsdp when it is split over it."""
+        return -(-width // self.fsdp_size) * self.fsdp_size if self.shard_optimizer else width
 
     def _buffer_shape(self, group: str) -> tuple[int, ...]:
         width = self.groups[group][1]
-        return (self.fsdp_size, width) if group.endswith(SHARDED_SUFFIX) else (width,)
+        return (self.fsdp_size, width) if group.endswith(SHARDED_SUFFIX) else (self._padded(width),)
 
     def flatten(self, tree: Any) -> dict[str, jax.Array]:
         """{group: buffer}; the tree must have this layout's structure, shapes and dtypes."""
@@ -90,7 +101,11 @@ class FlatLayout:
                 parts[place.group].append(jnp.reshape(leaf, (-1,)))
             else:
                 parts[place.group].append(jnp.reshape(jnp.moveaxis(leaf, place.axis, 0), (self.fsdp_size, -1)))
-        return {group: jnp.concatenate(chunks, axis=-1) for group, chunks in parts.items()}
+        flat = {group: jnp.concatenate(chunks, axis=-1) for group, chunks in parts.items()}
+        if self.shard_optimizer:  # zero padding, which no update and no norm sees as anything but zeros
+            flat = {group: jnp.pad(buffer, (0, self._padded(buffer.shape[0]) - buffer.shape[0]))
+                    for group, buffer in flat.items()}
+        return flat
 
     def unflatten(self, flat: Mapping[str, jax.Array]) -> Any:
         """The tree back from `flatten`'s buffers (or any buffers of their shapes)."""
@@ -107,12 +122,17 @@ class FlatLayout:
 
     def record(self) -> dict:
         """JSON of what makes two layouts the same (two equal records flatten alike)."""
-        return {"fsdp_size": self.fsdp_size, "shard": self.shard,
-                "groups": {group: [dtype.name, width] for group, (dtype, width) in self.groups.items()}}
+        record = {"fsdp_size": self.fsdp_size, "shard": self.shard,
+                  "groups": {group: [dtype.name, width] for group, (dtype, width) in self.groups.items()}}
+        if self.shard_optimizer:  # only when set: the records of earlier checkpoints stay equal
+            record["shard_optimizer"] = True
+        return record
 
     def shardings(self, mesh: Mesh) -> dict[str, NamedSharding]:
-        """Sharded groups split on their first (device) axis over fsdp; the rest replicated."""
-        return {group: NamedSharding(mesh, P("fsdp", None) if group.endswith(SHARDED_SUFFIX) else P())
+        """Sharded groups split on their first (device) axis over fsdp; the rest replicated, or
+        split over fsdp too with `shard_optimizer`."""
+        rest = P("fsdp") if self.shard_optimizer else P()
+        return {group: NamedSharding(mesh, P("fsdp", None) if group.endswith(SHARDED_SUFFIX) else rest)
                 for group in self.groups}
 
     def is_flat(self, node: Any) -> bool:

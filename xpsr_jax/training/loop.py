@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from xpsr_jax.compile_cache import cache_dir, enable_compile_cache
+from xpsr_jax.compile_cache import CompileCacheError, use_compile_cache
 from xpsr_jax.data import tfds_builder
 from xpsr_jax.data.pipeline import make_train_iterator
 from xpsr_jax.distributed import DistributedOptions, initialize_distributed
@@ -43,9 +43,9 @@ from xpsr_jax.models.dtypes import dtype_from_name
 from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
 from xpsr_jax.training import config as train_config
 from xpsr_jax.training.checkpoint import (
-    CHECKPOINT_DIR,
     StopSignal,
     TrainCheckpoints,
+    checkpoint_directory,
     finalized_steps,
     read_checkpoint_meta,
 )
@@ -157,7 +157,7 @@ def _check_inputs(config, workdir: Path) -> tuple[dict, int | None, dict | None]
     train_config.validate_train_config(config)
     train_config.check_workdir_config(config, workdir)
     reference = train_config.frozen_base_reference(config)
-    checkpoints_dir = workdir / CHECKPOINT_DIR
+    checkpoints_dir = checkpoint_directory(workdir, config.get("checkpoint_dir", ""))
     steps = finalized_steps(checkpoints_dir)
     latest = steps[-1] if steps else None
     meta = read_checkpoint_meta(checkpoints_dir, latest) if latest is not None else None
@@ -179,7 +179,10 @@ def train(config, workdir: str | os.PathLike, *,
     if is_writer:
         train_config.write_workdir_config(config, workdir)
     # Before anything compiles: a resumed run reads the steps the first run compiled.
-    enable_compile_cache(cache_dir(config.get("compile_cache", "default"), workdir / COMPILE_CACHE_DIR))
+    try:
+        use_compile_cache(config.get("compile_cache", "default"), workdir / COMPILE_CACHE_DIR)
+    except CompileCacheError as error:
+        raise train_config.ConfigError(f"train config: {error}") from None
 
     mesh = make_mesh(config.mesh)
     global_batch_size = int(config.pipeline.batch_size) * jax.process_count()
@@ -199,7 +202,8 @@ def train(config, workdir: str | os.PathLike, *,
     del models
     noise_schedule = noise_schedule_from_config(load_scheduler_config(config.base_model))
 
-    checkpoints = TrainCheckpoints(workdir / CHECKPOINT_DIR, keep=int(config.keep_checkpoints))
+    checkpoints_dir = checkpoint_directory(workdir, config.get("checkpoint_dir", ""))
+    checkpoints = TrainCheckpoints(checkpoints_dir, keep=int(config.keep_checkpoints))
     optimizer_layout = optimizer_layout_record(state, mesh, config)
     start_step, data_position = 0, 0
     if latest is not None:
@@ -264,7 +268,7 @@ def train(config, workdir: str | os.PathLike, *,
         step_seconds = (read_times[-1] - read_times[0]) / (len(read_times) - 1)
         if not values.pop("is_finite", 1.0) or not math.isfinite(values["loss"]):
             where = (f"the last good checkpoint is step {last_saved} in "
-                     f"{workdir / CHECKPOINT_DIR}" if last_saved is not None
+                     f"{checkpoints_dir}" if last_saved is not None
                      else "no checkpoint was saved")
             raise TrainingDiverged(
                 f"non-finite loss or gradient at step {step} (loss={values.get('loss')}, "
@@ -326,5 +330,5 @@ def train(config, workdir: str | os.PathLike, *,
         if writer is not None:
             writer.close()
     if not result.stopped_by_signal and last_saved is not None:
-        _say(f"done: step {result.final_step}; last checkpoint {workdir / CHECKPOINT_DIR / str(last_saved)}")
+        _say(f"done: step {result.final_step}; last checkpoint {checkpoints_dir / str(last_saved)}")
     return result

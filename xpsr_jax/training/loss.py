@@ -78,9 +78,14 @@ def encode_latents(vae: Any, pixel_values: jax.Array, vae_sample: jax.Array) -> 
 
 def encode_prompts(text_encoder: Any, highlevel_input_ids: jax.Array, lowlevel_input_ids: jax.Array):
     """(high-level, low-level) last hidden states, without gradient. One encoder call on both
-    prompt batches stacked: rows do not interact, and the program holds one copy of CLIP."""
-    hidden = jax.lax.stop_gradient(text_encoder(jnp.concatenate([highlevel_input_ids, lowlevel_input_ids])))
-    return hidden[:highlevel_input_ids.shape[0]], hidden[highlevel_input_ids.shape[0]:]
+    prompt batches, rows interleaved per example ([high_0, low_0, high_1, ...]): rows do not
+    interact, the program holds one copy of CLIP, and each device keeps its own examples' rows
+    (stacking the batches end to end made XLA move token ids between devices every step)."""
+    batch = highlevel_input_ids.shape[0]
+    pairs = jnp.stack([highlevel_input_ids, lowlevel_input_ids], axis=1)
+    hidden = jax.lax.stop_gradient(text_encoder(pairs.reshape((2 * batch,) + pairs.shape[2:])))
+    hidden = hidden.reshape((batch, 2) + hidden.shape[1:])
+    return hidden[:, 0], hidden[:, 1]
 
 
 def xpsr_loss(models: Any, batch: Mapping[str, jax.Array], draws: LossDraws, *, noise_schedule: Any,

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -41,10 +42,29 @@ def mesh_shape(mesh_config: Any, device_count: int) -> tuple[int, int]:
 
 
 def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
-    """Mesh over all devices (or `devices`) with axes ("data", "fsdp")."""
+    """Mesh over all devices (or `devices`) with axes ("data", "fsdp"), laid out by `device_grid`."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_config, len(devices))
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+    return Mesh(device_grid(devices, mesh_shape(mesh_config, len(devices))), MESH_AXES)
+
+
+def device_grid(devices: list, shape: tuple[int, int]) -> np.ndarray:
+    """The (data, fsdp) grid of `devices`. On TPU, laid out on the chips' interconnect
+    (`mesh_utils`): fsdp neighbours are ICI neighbours, and with several slices the data axis
+    runs over the slices (DCN) outermost, so fsdp's collectives never leave a slice. Other
+    devices keep JAX's order."""
+    if devices[0].platform != "tpu":
+        return np.asarray(devices, dtype=object).reshape(shape)
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    data, fsdp = shape
+    if slices > 1:
+        if data % slices:
+            raise ValueError(f"mesh.data={data} must be a multiple of the {slices} slices: data parallelism spans "
+                             "the slices, fsdp stays inside one")
+        return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices)
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):  # a shape the torus does not split into
+        return np.asarray(devices, dtype=object).reshape(shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

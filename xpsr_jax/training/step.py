@@ -105,7 +105,8 @@ def merge_models(graphdefs: Mapping[str, Any], params: Mapping[str, Any], frozen
 
 def flat_layout(params: Any, mesh: Mesh, config: Any) -> FlatLayout:
     """The flat layout of the trainable params under this run's sharding rule."""
-    return FlatLayout.for_params(params, fsdp_size=mesh.shape["fsdp"], shard=bool(config.mesh.shard_trainable))
+    return FlatLayout.for_params(params, fsdp_size=mesh.shape["fsdp"], shard=bool(config.mesh.shard_trainable),
+                                 shard_optimizer=bool(config.mesh.get("shard_optimizer", False)))
 
 
 def state_shardings(state: TrainState, mesh: Mesh, config: Any) -> TrainState:
@@ -149,7 +150,8 @@ def checkpoint_restore_target(state: TrainState, mesh: Mesh, config: Any,
         source = None
     else:
         source = FlatLayout.for_params(state.params, fsdp_size=int(saved_layout.get("fsdp_size", 1)),
-                                       shard=bool(saved_layout.get("shard", False)))
+                                       shard=bool(saved_layout.get("shard", False)),
+                                       shard_optimizer=bool(saved_layout.get("shard_optimizer", False)))
         if source.record() != dict(saved_layout):
             raise ValueError(f"the checkpoint's optimizer layout {dict(saved_layout)} does not fit this run's "
                              f"trainable parameters (expected groups {source.record()['groups']}): was it "
@@ -304,7 +306,8 @@ def lower_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: 
     jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_shardings(frozen, mesh, config), batch_sh),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
     start = time.perf_counter()
-    lowered = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch))
+    with jax.set_mesh(mesh):  # the mesh kernels under shard_map (the "splash" attention) split over
+        lowered = jitted.lower(_abstract(state), _abstract(frozen), _abstract(batch))
     return lowered, time.perf_counter() - start
 
 
