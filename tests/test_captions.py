@@ -206,9 +206,9 @@ def bad_input_dirs(tmp_path, image_dirs):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--lr-dir", "{missing}"], "image folder '{missing}' does not exist"),
-        (["--hr-dir", "{empty}"], "image folder '{empty}' holds no images"),
-        (["--lr-dir", "{twins}"], "share the image id 'a'"),
+        (["--lr-dir", "{missing}"], "image folder {missing}: no such folder"),
+        (["--hr-dir", "{empty}"], "image folder {empty}: no images (.png"),
+        (["--lr-dir", "{twins}"], "share the name 'a'"),
         (["--output", "o.jsonl"], "give --lr-dir and/or --hr-dir"),
         (["--lr-dir", "{lr}", "--shard", "2", "--num-shards", "2"], "--shard 2 is out of range"),
         (["--lr-dir", "{lr}", "--num-shards", "0"], "--num-shards must be >= 1, got 0"),

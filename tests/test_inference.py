@@ -438,7 +438,9 @@ def test_cli_converts_good_images_and_names_every_failure(cli_run):
         assert np.asarray(Image.open(cli_run.out / f"{stem}.png")).shape == (64, 64, 3)
     stderr = cli_run.stderr
     for name, reason in (("g_corrupt.png", "unreadable image"), ("h_small.png", "9x5 px"),
-                         ("i_notes.txt", "not an image file"), ("j_noprompt.png", "no highlevel prompt")):
+                         ("i_notes.txt", "not an image file"),
+                         ("j_noprompt.png", "no highlevel prompt: give --captions, --highlevel-prompt, the official "
+                                            "folder layout, or --captioner DIR")):
         lines = [line for line in stderr.splitlines() if line.startswith("error:") and name in line]
         assert len(lines) == 1 and reason in lines[0], (name, stderr)
     assert "4 image(s) failed" in stderr
@@ -550,7 +552,7 @@ def test_output_names_and_finished_outputs(tmp_path, capsys):
 
 
 def test_one_rule_for_the_lowlevel_prompt_folder(tmp_path):
-    from xpsr_jax.inference.prompts import lowlevel_prompt_folder
+    from xpsr_jax.data.official_layout import lowlevel_prompt_folder
 
     def layout(*names):
         root = tmp_path / "_".join(names or ("none",))
@@ -561,6 +563,8 @@ def test_one_rule_for_the_lowlevel_prompt_folder(tmp_path):
     assert lowlevel_prompt_folder(layout("lowlevel_prompt_q", "lowlevel_prompt")) == "lowlevel_prompt_q"
     assert lowlevel_prompt_folder(layout("lowlevel_prompt")) == "lowlevel_prompt"
     assert lowlevel_prompt_folder(layout()) is None
+    assert lowlevel_prompt_folder(layout("lowlevel_prompt_q_GT")) is None  # the HR image's prompts
+    assert lowlevel_prompt_folder(layout("lowlevel_prompt_q_GT", "x"), of_hr=True) == "lowlevel_prompt_q_GT"
     with pytest.raises(ValueError, match=r"several low-level prompt folders \['lowlevel_prompt_a', "
                                          r"'lowlevel_prompt_b'\] and no lowlevel_prompt_q/"):
         lowlevel_prompt_folder(layout("lowlevel_prompt_a", "lowlevel_prompt_b"))

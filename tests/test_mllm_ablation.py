@@ -214,7 +214,7 @@ def bad_input_cases(tiny, llava, lr, gt, tmp_path):
         ({"--gt": str(extra_gt)}, f"--gt {extra_gt}: image(s) c.png have no LR image in --lr"),
         ({"--gt": str(small_gt)}, f"--gt {small_gt / 'b.png'}: 60x64 px, but the x4 SR of {lr / 'b.png'} is 64x64"),
         ({"--lr": str(lr_notes)}, f"--lr {lr_notes}: holds files that are not images (notes.txt)"),
-        ({"--lr": str(tmp_path / "missing")}, "does not exist or is not a folder"),
+        ({"--lr": str(tmp_path / "missing")}, f"{tmp_path / 'missing'}: no such folder"),
         ({"--metrics": ""}, "--metrics '' names no metric"),
         ({"--metrics": "maniqa"}, "metric 'maniqa' is ambiguous"),
         ({"--metrics": "psnr,sharpness"}, "unknown metric 'sharpness'"),

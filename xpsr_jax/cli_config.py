@@ -4,6 +4,7 @@
     config, rest = parse_config_flags(argv, default="infer.py")
     args = parser.parse_args(rest)          # the command's own flags
     config, args = parse_command_line(parser, argv, default="infer.py")    # both; bad flags exit 2
+    parser = CommandParser(prog="python -m xpsr_jax.NAME", ...)   # every command's argparse parser
     config = load_config_file("train.py:tiny")
 
 A FILE that does not exist as given but names one of the packaged config files (`train.py`,
@@ -15,6 +16,7 @@ the flag's name before anything else runs. Every error is a ConfigFlagError with
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
@@ -22,6 +24,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from absl import flags
 from ml_collections import config_dict, config_flags
@@ -31,8 +34,66 @@ PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 VARIANT_ALIASES = {"runlocal": "tiny"}
 
 
-class ConfigFlagError(ValueError):
+class ConfigError(ValueError):
+    """A bad config value, from a file, a flag or a library caller: one line naming the key, the
+    value and what is valid (`invalid_value`)."""
+
+
+class ConfigFlagError(ConfigError):
     """A bad --config file, variant, key or value (the message names it)."""
+
+
+def invalid_value(key: str, value: Any, valid: str, config_name: str = "") -> ConfigError:
+    """The one message for a bad config value: "[NAME config: ]KEY=VALUE is invalid; valid: ..."."""
+    where = f"{config_name} config: " if config_name else ""
+    return ConfigError(f"{where}{key}={value!r} is invalid; valid: {valid}")
+
+
+def config_value(config: Any, dotted_key: str, config_name: str = "") -> Any:
+    """`config["a"]["b"]` for "a.b"; a missing key is a ConfigError naming it."""
+    value = config
+    try:
+        for part in dotted_key.split("."):
+            value = value[part]
+    except (KeyError, AttributeError, TypeError):
+        where = f"{config_name} config" if config_name else "config"
+        raise ConfigError(f"{where}: missing key {dotted_key!r}") from None
+    return value
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for every command: a bad flag is one line naming it, then where the help is (exit 2),
+    instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+class DeprecatedSpelling(argparse.Action):
+    """Stores the value like "store"; used under an old flag spelling, says which one replaces it."""
+
+    def __init__(self, option_strings, dest, preferred: str, **kwargs):
+        self.preferred = preferred
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.preferred:
+            print(f"warning: {option_string} is deprecated; use {self.preferred}", file=sys.stderr)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The multi-process flags of every command that runs on several processes (train, infer), read
+    by `xpsr_jax.distributed.DistributedOptions.from_args`; the underscore spellings still work."""
+    group = parser.add_argument_group("multi-process (one process per host, or several on one machine)")
+    for flag, kwargs in (
+            ("--coordinator-address", dict(metavar="HOST:PORT", help="process 0's address (or JAX_COORDINATOR_ADDRESS)")),
+            ("--num-processes", dict(type=int, metavar="N", help="number of processes (or JAX_NUM_PROCESSES)")),
+            ("--process-id", dict(type=int, metavar="I", help="this process's index (or JAX_PROCESS_ID)")),
+            ("--distributed-auto", dict(nargs=0, default=False, help="jax.distributed.initialize() with JAX's "
+                                                                    "cluster detection (TPU pods, SLURM)"))):
+        group.add_argument(flag, "--" + flag[2:].replace("-", "_"), action=DeprecatedSpelling,
+                           preferred=flag, **kwargs)
 
 
 def report_error(error: BaseException, prefix: str = "error") -> None:
@@ -109,15 +170,16 @@ def check_override_keys(config: config_dict.ConfigDict, argv: Sequence[str]) -> 
             node, walked = node[part], walked + [part]
 
 
-def parse_config_flags(argv: Sequence[str], *, default: str, prog: str = "xpsr_jax"):
+def parse_config_flags(argv: Sequence[str], *, default: str | None, prog: str = "xpsr_jax"):
     """(locked ConfigDict, the arguments that are not config flags). `default`: the config file
-    spec used when argv has no --config (a packaged name such as "infer.py" works)."""
+    spec used when argv has no --config (a packaged name such as "infer.py" works); None: --config
+    is required."""
     config_args, rest = split_config_args(argv)
     config_args = resolve_config_args(config_args, default)
     flag_values = flags.FlagValues()
     # The override flags are found in `sys_argv` (default: the real sys.argv), so pass ours.
     try:
-        config_flags.DEFINE_config_file("config", _resolved_spec(default), "config file[:variant]",
+        config_flags.DEFINE_config_file("config", default and _resolved_spec(default), "config file[:variant]",
                                         flag_values=flag_values, lock_config=True, sys_argv=[prog, *config_args])
         flag_values([prog, *config_args])
         config = flag_values.config
@@ -129,10 +191,12 @@ def parse_config_flags(argv: Sequence[str], *, default: str, prog: str = "xpsr_j
     return config, rest
 
 
-def parse_command_line(parser, argv: Sequence[str] | None, *, default: str):
+def parse_command_line(parser, argv: Sequence[str] | None, *, default: str | None):
     """(config, the parser's namespace) from a command line (None: sys.argv[1:]); a bad config
     flag is reported as the parser's usage error (exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        parser.parse_args(["--help"])  # before the config: --help works without --config
     try:
         config, rest = parse_config_flags(argv, default=default, prog=parser.prog)
     except ConfigFlagError as error:

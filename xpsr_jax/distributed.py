@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 import jax
+from jax._src import distributed as jax_distributed  # the client JAX started: no public handle to its barrier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,24 @@ class DistributedOptions:
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> DistributedOptions:
+        """From the flags of `xpsr_jax.cli_config.add_distributed_arguments`."""
+        return cls(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                   process_id=args.process_id, auto=bool(args.distributed_auto))
+
+
+def wait_for_every_process(name: str, timeout_s: float = 3600.0) -> None:
+    """Returns once every process has called it with `name` (no-op with one process).
+
+    The coordination service's barrier, not a device collective: on CPU, gloo gives up connecting
+    when one process reaches the first collective long before another (one compiles the train step
+    while the other loaded it from the compile cache), and the run dies with "Gloo context
+    initialization failed: Connect timeout"."""
+    if jax.process_count() == 1:
+        return
+    jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def initialize_distributed(options: DistributedOptions | None = None) -> bool:

@@ -1,6 +1,7 @@
 """File conventions every layer shares: which files are images, how a file is written whole, and
 a cheap fingerprint of a large file.
 
+    image_files(folder, what)         a folder's images, or one line naming what is wrong with it
     write_bytes_atomic(path, data)    temp file + rename: a kill leaves the old file or the new one
     sampled_fingerprint(path)         sha256 of a few MiB of a weights file; any retrained file changes it
 """
@@ -14,6 +15,32 @@ from pathlib import Path
 
 # Suffixes (lower case) of the image files commands read: inputs, crops, captions, evaluation.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def image_files(folder: str | os.PathLike, what: str, *, recursive: bool = False,
+                unique_stems: bool = False, error: type[Exception] = FileNotFoundError) -> list[Path]:
+    """The image files (`IMAGE_SUFFIXES`, any case; hidden names skipped) in `folder`, or below it
+    with `recursive`, sorted by path relative to `folder`. `error` (the caller's exception type)
+    is raised with a message starting "`what` `folder`:" when the folder is missing, holds no
+    image, or (`unique_stems`: results and prompts are matched by stem) two images share a stem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise error(f"{what} {folder}: no such folder")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    found = sorted((path for path in candidates
+                    if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+                    and path.is_file()),
+                   key=lambda path: path.relative_to(folder).as_posix())
+    if not found:
+        raise error(f"{what} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    if unique_stems:
+        by_stem: dict[str, Path] = {}
+        for path in found:
+            if path.stem in by_stem:
+                raise error(f"{what} {folder}: {by_stem[path.stem].name} and {path.name} share the name "
+                            f"{path.stem!r} (images are matched by name without extension); keep one")
+            by_stem[path.stem] = path
+    return found
 
 
 def current_umask() -> int:

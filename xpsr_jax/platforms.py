@@ -9,6 +9,11 @@ CPU. It also takes a machine-wide lock file, so a second process compiling for a
 lockfile". `quiet_libtpu_without_tpu()` sets those values (and allows several libtpu processes)
 where the user has not, only when no TPU chip is on the PCI bus: nothing changes on a TPU VM.
 Compile-only TPU devices (`jax.experimental.topologies`) work as before.
+
+The core install has no PyTorch; transformers (our tokenizers and configs) then prints "PyTorch
+was not found. Models won't be available..." in every command. `quiet_transformers_without_torch`
+turns off transformers' advisory warnings where torch is not installed and the user has not set
+TRANSFORMERS_NO_ADVISORY_WARNINGS.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ def has_tpu_chips(pci_devices: Path = PCI_DEVICES) -> bool:
 
 def libtpu_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None
+
+
+def quiet_transformers_without_torch(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """True when it set TRANSFORMERS_NO_ADVISORY_WARNINGS (torch not installed, not set by the user)."""
+    if importlib.util.find_spec("torch") is not None or "TRANSFORMERS_NO_ADVISORY_WARNINGS" in environ:
+        return False
+    environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    return True
 
 
 def quiet_libtpu_without_tpu(environ: MutableMapping[str, str] = os.environ) -> bool:

@@ -9,7 +9,7 @@ Stages, each one the project's real entry point called in this process:
              -> `--captions examples/captions.jsonl` (stands in for the LLaVA step) -> TFDS
 3. train     `configs/train.py:tiny` for `--steps` steps (`xpsr_jax.training.loop.train`)
 4. export    `python -m xpsr_jax.export torch`: the last checkpoint -> an official-layout release
-5. infer     `python infer.py` with that release on the degraded LR images (`configs/infer.py:tiny`)
+5. infer     `python -m xpsr_jax.infer` with that release on the degraded LR images (`configs/infer.py:tiny`)
 6. evaluate  `python -m xpsr_jax.evaluate` (PSNR/SSIM, Y channel) of the SR images against the HR
 
 Rerunning with the same --workdir resumes: finished stages are kept (recorded in
@@ -34,19 +34,19 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from xpsr_jax.cli_config import ConfigFlagError, load_config_file
+from xpsr_jax.cli_config import CommandParser, ConfigFlagError, load_config_file
 from xpsr_jax.compile_cache import enable_compile_cache
 from xpsr_jax.data import images, prepare, tfds_builder
 from xpsr_jax.evaluation.cli import main as evaluate_main
+from xpsr_jax.examples import PACKAGED_EXAMPLES
 from xpsr_jax.export.cli import main as export_main
-from xpsr_jax.files import IMAGE_SUFFIXES
+from xpsr_jax.files import image_files
 from xpsr_jax.inference.cli import main as infer_main
 from xpsr_jax.models.tiny import write_tiny_model
 from xpsr_jax.training.config import ConfigError
 from xpsr_jax.training.loop import TrainingDiverged, train
 from xpsr_jax.training.metrics import METRICS_FILE, read_metrics_jsonl
 
-DEFAULT_EXAMPLES = Path(__file__).resolve().parent / "examples"  # shipped with the package
 TRAIN_CONFIG = "configs/train.py"  # the packaged configs (xpsr_jax/configs/)
 INFER_CONFIG = "configs/infer.py"
 DEFAULT_STEPS = 200
@@ -111,9 +111,7 @@ def _check_examples(examples: Path) -> tuple[Path, Path, int]:
         if not path.exists():
             raise QuickstartError(f"--examples {examples}: {path} is missing; the folder needs "
                                   f"{what} (see examples/README.md in the repository)")
-    files = sorted(p for p in hr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise QuickstartError(f"--examples {examples}: {hr_dir} holds no images")
+    files = image_files(hr_dir, "--examples", error=QuickstartError)
     # One crop per image, the largest square all of them hold (a multiple of the x4 scale),
     # so every crop id is "<file stem>_000", the ids of captions.jsonl.
     side = min(min(images.image_size(path)) for path in files) // 4 * 4
@@ -225,7 +223,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def run_quickstart(workdir: str | os.PathLike, steps: int = DEFAULT_STEPS,
-                   examples: str | os.PathLike = DEFAULT_EXAMPLES) -> dict:
+                   examples: str | os.PathLike = PACKAGED_EXAMPLES) -> dict:
     """Runs (or resumes) the chain in `workdir`; returns the summary also written to
     WORKDIR/summary.json. Raises QuickstartError naming the stage that failed."""
     if steps < 1:
@@ -312,7 +310,7 @@ def format_summary(summary: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m xpsr_jax.quickstart",
         description="The whole XPSR chain on a CPU: tiny model -> TFDS data -> train -> export "
                     "-> infer -> evaluate.",
@@ -321,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for everything the chain writes (default: ./xpsr-quickstart)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"training steps (default: {DEFAULT_STEPS})")
-    parser.add_argument("--examples", default=str(DEFAULT_EXAMPLES),
+    parser.add_argument("--examples", default=str(PACKAGED_EXAMPLES),
                         help="folder with hr/ (HR images) and captions.jsonl "
                              "(default: the repository's examples/)")
     return parser

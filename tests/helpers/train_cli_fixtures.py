@@ -160,8 +160,8 @@ def run_two_processes(setup: TinySetup, workdir: Path, *overrides: str, timeout:
     processes = []
     for process_id in range(2):
         command = train_command(setup, workdir, *overrides) + [
-            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            f"--process_id={process_id}"]
+            f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2",
+            f"--process-id={process_id}"]
         processes.append(subprocess.Popen(command, env=train_env(setup, 2), cwd=REPO,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True))
@@ -170,8 +170,12 @@ def run_two_processes(setup: TinySetup, workdir: Path, *overrides: str, timeout:
         if signal_after_step is not None:
             deadline = time.monotonic() + timeout
             while logged_steps(workdir) < signal_after_step:
-                if any(process.poll() is not None for process in processes) or time.monotonic() > deadline:
-                    raise AssertionError(f"the processes ended or stalled before step {signal_after_step}")
+                ended = [process for process in processes if process.poll() is not None]
+                if ended or time.monotonic() > deadline:
+                    reports = "\n".join(f"process {processes.index(process)} exit {process.returncode}:\n"
+                                        f"{process.communicate()[1][-3000:]}" for process in ended)
+                    raise AssertionError(f"the processes ended or stalled before step "
+                                         f"{signal_after_step}\n{reports}")
                 time.sleep(0.05)
             for process in processes:
                 process.send_signal(signal.SIGTERM)

@@ -15,7 +15,6 @@ import sys
 import time
 
 from ml_collections import config_dict
-from tqdm import tqdm
 
 from xpsr_jax.captions import (
     batches,
@@ -34,7 +33,8 @@ from xpsr_jax.captions.config import (
     get_config,
     question_for,
 )
-from xpsr_jax.cli_config import ConfigFlagError, load_config_file
+from xpsr_jax.cli_config import CommandParser, ConfigFlagError, load_config_file
+from xpsr_jax.progress import progress_bar
 
 EPILOG = """\
 examples:
@@ -58,7 +58,7 @@ the output file are skipped. Model folders are never downloaded.
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; defaults come from ``config.get_config()``."""
     defaults = get_config()
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m xpsr_jax.captions",
         description="Caption LR/HR images with a vision-language model into a JSONL file "
         "(one record per image, source and task).",
@@ -255,7 +255,7 @@ def run(config: config_dict.ConfigDict) -> pathlib.Path:
         if config.do_sample:
             generate.import_torch().manual_seed(config.seed)
         start = time.perf_counter()
-        with tqdm(total=len(todo), unit="img", desc=f"{config.task} captions") as bar:
+        with progress_bar(total=len(todo), unit="img", desc=f"{config.task} captions") as bar:
             batches.caption_items(captioner, todo, settings, writer, bar)
     seconds = time.perf_counter() - start
     rate = len(todo) / seconds

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 from xpsr_jax.captions.config import TASKS
-from xpsr_jax.files import IMAGE_SUFFIXES
+from xpsr_jax.files import image_files
 
 SOURCES = ("lr", "hr")
 RECORD_FIELDS = ("image_id", "source", "task", "text", "model", "question")
@@ -54,31 +54,12 @@ def record_key(record: dict) -> CaptionKey:
 
 
 def list_images(folder: PathLike) -> list[pathlib.Path]:
-    """Image files directly in ``folder`` (see ``IMAGE_SUFFIXES``), sorted by name.
+    """Image files directly in ``folder`` (``xpsr_jax.files.image_files``), sorted by name.
 
     Raises CaptionInputError when the folder is missing, holds no images, or
     two files share a stem (the stem is the image id).
     """
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise CaptionInputError(f"image folder {str(folder)!r} does not exist or is not a folder")
-    paths = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not paths:
-        raise CaptionInputError(
-            f"image folder {str(folder)!r} holds no images "
-            f"with extensions {', '.join(IMAGE_SUFFIXES)}"
-        )
-    by_stem: dict[str, pathlib.Path] = {}
-    for path in paths:
-        if path.stem in by_stem:
-            raise CaptionInputError(
-                f"image folder {str(folder)!r}: {by_stem[path.stem].name!r} and {path.name!r} "
-                f"share the image id {path.stem!r}; keep one of them"
-            )
-        by_stem[path.stem] = path
-    return paths
+    return image_files(folder, "image folder", unique_stems=True, error=CaptionInputError)
 
 
 def validate_record(record: object, where: str) -> dict:

@@ -2,9 +2,9 @@
 
 Commands::
 
-    python infer.py --weights RELEASE --sd15 SD15 --input LR_DIR --output OUT
-    python infer.py ... --config configs/infer.py:validation          # the training-time validation recipe
-    python infer.py ... --config configs/infer.py:tiny --config.num_inference_steps=2
+    python -m xpsr_jax.infer --weights RELEASE --sd15 SD15 --input LR_DIR --output OUT
+    python -m xpsr_jax.infer ... --config infer.py:validation          # the training-time validation recipe
+    python -m xpsr_jax.infer ... --config infer.py:tiny --config.num_inference_steps=2
 
 Variants (`:a,b`):
   - (none)      the official test script: DDPM, 20 steps, added noise 800, guidance 4.5, 512 px, AdaIN

@@ -2,9 +2,9 @@
 
 Commands::
 
-    python train.py --config configs/train.py --workdir runs/xpsr \
+    python -m xpsr_jax.train --config train.py --workdir runs/xpsr \
         --config.base_model=/models/stable-diffusion-v1-5 --config.pipeline.data_dir=tfds
-    python train.py --config configs/train.py:tiny --workdir /tmp/tiny \
+    python -m xpsr_jax.train --config train.py:tiny --workdir /tmp/tiny \
         --config.base_model=tiny/sd15 --config.pipeline.data_dir=tiny/tfds
     python -m xpsr_jax.train ...            # the same entry point
 

@@ -39,6 +39,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_dict
 
+from xpsr_jax.cli_config import ConfigError, invalid_value
 from xpsr_jax.models.tokenizer import load_clip_tokenizer, tokenize
 
 HIGHLEVEL_PROMPT_SOURCES = ("hr", "lr", "empty")
@@ -73,9 +74,9 @@ def default_pipeline_config() -> config_dict.ConfigDict:
 
 
 def validate_pipeline_config(config: config_dict.ConfigDict) -> None:
-    """Raises ValueError naming the first bad key of a pipeline config."""
-    def bad(key: str, valid: str) -> ValueError:
-        return ValueError(f"pipeline config: {key}={config[key]!r} is invalid; valid: {valid}")
+    """Raises ConfigError (a ValueError) naming the first bad key of a pipeline config."""
+    def bad(key: str, valid: str) -> ConfigError:
+        return invalid_value(key, config[key], valid, "pipeline")
 
     if not config.data_dir:
         raise bad("data_dir", "the TFDS data_dir holding the built xpsr_pairs dataset")

@@ -52,12 +52,11 @@ from pathlib import Path
 
 import numpy as np
 from ml_collections import config_dict
-from tqdm import tqdm
 
 from xpsr_jax.captions.cli import main as captions_main
 from xpsr_jax.captions.config import TASKS
 from xpsr_jax.captions.io import SOURCES, CaptionWriter, load_captions
-from xpsr_jax.cli_config import ConfigFlagError, load_config_file
+from xpsr_jax.cli_config import CommandParser, ConfigFlagError, load_config_file
 from xpsr_jax.data import images, tfds_builder
 from xpsr_jax.data.degradation import (
     default_degradation_config,
@@ -66,7 +65,8 @@ from xpsr_jax.data.degradation import (
     usm_sharpen,
     validate_degradation_config,
 )
-from xpsr_jax.files import IMAGE_SUFFIXES, write_bytes_atomic
+from xpsr_jax.files import image_files, write_bytes_atomic
+from xpsr_jax.progress import progress_bar
 
 STAGES = ("crop", "caption", "build")
 CROP_MODES = ("random", "grid")
@@ -119,17 +119,7 @@ def default_prepare_config() -> config_dict.ConfigDict:
 
 def list_hr_images(hr_dir: str | os.PathLike) -> list[Path]:
     """Image files under `hr_dir`, recursively, sorted by relative path (fixes the indices)."""
-    hr_dir = Path(hr_dir)
-    if not hr_dir.is_dir():
-        raise PrepareError(f"--hr-dir {hr_dir} does not exist or is not a folder")
-    paths = sorted(
-        (p for p in hr_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=lambda p: p.relative_to(hr_dir).as_posix(),
-    )
-    if not paths:
-        raise PrepareError(
-            f"--hr-dir {hr_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return paths
+    return image_files(hr_dir, "--hr-dir", recursive=True, error=PrepareError)
 
 
 def image_base_id(relative_path: str) -> str:
@@ -327,14 +317,14 @@ def run_crop_stage(config: config_dict.ConfigDict, degradation_config=None) -> d
                       degradation_config, config.hr_target) for index, path in enumerate(paths)]
     counts = {"images": len(tasks), "written": 0, "reused": 0, "skipped": 0}
     skipped = []
-    progress = tqdm(_map_tasks(crop_and_degrade, tasks, config.num_workers), total=len(tasks),
+    progress = progress_bar(_map_tasks(crop_and_degrade, tasks, config.num_workers), total=len(tasks),
                     desc="crop + degrade", unit="img", dynamic_ncols=True)
     for result in progress:
         counts["written"] += result.written
         counts["reused"] += result.reused
         if result.skip_reason:
             skipped.append((result.relative_path, result.skip_reason))
-            tqdm.write(f"skipped {result.relative_path}: {result.skip_reason}")
+            progress_bar.write(f"skipped {result.relative_path}: {result.skip_reason}")
     counts["skipped"] = len(skipped)
     write_bytes_atomic(work_dir / SKIPPED_FILE, "".join(
         f"{path}\t{reason}\n" for path, reason in skipped).encode("utf-8"))
@@ -488,7 +478,7 @@ def parse_stages(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = default_prepare_config()
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m xpsr_jax.data.prepare",
         description="HR images -> crops + Real-ESRGAN LR -> MLLM prompts -> TFDS dataset.",
         epilog=__doc__.split("Examples::")[1].split("Public API")[0],

@@ -57,7 +57,7 @@ from etils import epath
 from tensorflow_datasets.core import naming
 
 from xpsr_jax.captions.io import load_captions
-from xpsr_jax.data import images
+from xpsr_jax.data import images, official_layout
 from xpsr_jax.data.degradation import DEGRADATION_PARAM_KEYS
 
 DATASET_NAME = "xpsr_pairs"
@@ -74,13 +74,6 @@ _CAPTION_KEYS = {
     "highlevel_prompt_hr": ("hr", "highlevel"),
     "lowlevel_prompt_lr": ("lr", "lowlevel"),
     "lowlevel_prompt_hr": ("hr", "lowlevel"),
-}
-# Prompt feature -> folder of the official layout.
-OFFICIAL_PROMPT_DIRS = {
-    "highlevel_prompt_lr": "highlevel_prompt",
-    "highlevel_prompt_hr": "highlevel_prompt_GT",
-    "lowlevel_prompt_lr": "lowlevel_prompt_q",
-    "lowlevel_prompt_hr": "lowlevel_prompt_q_GT",
 }
 DEGRADATION_FILE = "degradation.jsonl"
 CAPTIONS_FILE = "captions.jsonl"
@@ -225,19 +218,20 @@ def scan_official(roots: str | os.PathLike | Sequence[str | os.PathLike], part_i
     """scan_official(root or roots, part_index=0, num_parts=1) -> examples sorted by image id
     ``{root name}/{sub}/{name}``; only part `part_index` of `num_parts` has its files read.
 
-    Prompt text is the file's first line with leading spaces removed, as the official
-    loader (dataloader/localdataset.py) reads it; an empty file gives "". A missing prompt
-    file raises DatasetSourceError naming the image and the prompt kind.
+    Prompt folders and text as `xpsr_jax.data.official_layout` reads them (the file's first
+    line with leading spaces removed, as the official loader dataloader/localdataset.py; an
+    empty file gives ""). A missing prompt file raises DatasetSourceError naming the image and
+    the prompt kind.
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
     located = {}  # image id -> (root, path relative to root/HR)
     for root in map(Path, roots):
-        hr_dir = root / "HR"
+        hr_dir = root / official_layout.HR_FOLDER
         if not hr_dir.is_dir():
             raise DatasetSourceError(
                 f"{root} is not in the official XPSR layout: {hr_dir} does not exist "
-                f"(expected HR/, LR/, {', '.join(OFFICIAL_PROMPT_DIRS.values())})"
+                f"(expected HR/, LR/, highlevel_prompt[_GT]/, lowlevel_prompt_q[_GT]/)"
             )
         for hr_path in hr_dir.rglob("*.png"):
             relative = hr_path.relative_to(hr_dir)
@@ -250,29 +244,40 @@ def scan_official(roots: str | os.PathLike | Sequence[str | os.PathLike], part_i
     if not located:
         raise DatasetSourceError(f"no HR/**/*.png found under {[str(r) for r in roots]}")
     nan_params = {k: math.nan for k in degradation_param_keys()}
-    return [_official_source(image_id, *located[image_id], nan_params)
-            for image_id in part_of(sorted(located), part_index, num_parts)]
+    folders = {root: _official_prompt_folders(root) for root, _ in located.values()}
+    return [_official_source(image_id, root, relative, folders[root], nan_params)
+            for image_id in part_of(sorted(located), part_index, num_parts)
+            for root, relative in [located[image_id]]]
 
 
-def _official_source(image_id: str, root: Path, relative: Path, nan_params: dict) -> PairSource:
-    hr_path, lr_path = root / "HR" / relative, root / "LR" / relative
+def _official_prompt_folders(root: Path) -> dict[str, str | None]:
+    """Prompt feature -> its folder under `root` (None: no such folder), by the layout's one rule."""
+    try:
+        return {feature: official_layout.prompt_folder(root, kind, of_hr=source == "hr")
+                for feature, (source, kind) in _CAPTION_KEYS.items()}
+    except ValueError as error:
+        raise DatasetSourceError(str(error)) from None
+
+
+def _official_source(image_id: str, root: Path, relative: Path, folders: dict[str, str | None],
+                     nan_params: dict) -> PairSource:
+    hr_path = root / official_layout.HR_FOLDER / relative
+    lr_path = root / official_layout.LR_FOLDER / relative
     if not lr_path.is_file():
         raise DatasetSourceError(f"image {image_id!r}: {hr_path} has no LR image {lr_path}")
     prompts = {}
-    for feature, folder in OFFICIAL_PROMPT_DIRS.items():
-        prompt_path = root / folder / relative.with_suffix(".txt")
+    for feature, folder in folders.items():
+        if folder is None:
+            raise DatasetSourceError(f"image {image_id!r}: missing {feature} prompt: {root} has no "
+                                     f"{official_layout.LOWLEVEL_PREFIX}*/ folder for it")
+        prompt_path = official_layout.prompt_path(root, folder, relative)
         if not prompt_path.is_file():
             raise DatasetSourceError(
                 f"image {image_id!r}: missing {feature} prompt file {prompt_path}"
             )
-        prompts[feature] = _first_line(prompt_path)
+        prompts[feature] = official_layout.read_prompt(prompt_path)
     return PairSource(image_id=image_id, hr_path=hr_path, lr_path=lr_path,
                       source_file=str(hr_path), prompts=prompts, degradation=dict(nan_params))
-
-
-def _first_line(path: Path) -> str:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return lines[0].lstrip() if lines else ""
 
 
 def part_of(items: Sequence, part_index: int, num_parts: int) -> list:

@@ -14,28 +14,24 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from xpsr_jax.captions.io import CaptionInputError
-from xpsr_jax.cli_config import parse_command_line, report_error
+from xpsr_jax.cli_config import CommandParser, parse_command_line, report_error
 from xpsr_jax.compile_cache import DEFAULT as DEFAULT_CACHE
 from xpsr_jax.compile_cache import use_compile_cache, user_cache_dir
-from xpsr_jax.data.images import read_rgb, write_png_atomic
 from xpsr_jax.demo.app import serve
 from xpsr_jax.demo.service import DemoService, PromptCaptioner
-from xpsr_jax.files import IMAGE_SUFFIXES
+from xpsr_jax.examples import write_lr_images
+from xpsr_jax.files import image_files
 from xpsr_jax.inference.cli import DEFAULT_CONFIG, apply_captioner_flags
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline
 from xpsr_jax.models.single_file import add_single_file_arguments
 
-PACKAGED_EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "hr"
 EXTRA_HINT = "pip install 'xpsr-jax[demo]' (or pip install -e '.[demo]' in a checkout)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m xpsr_jax.demo", description="XPSR super-resolution in the browser: upload, compare "
         "bicubic x4 with XPSR on a slider, download the PNG.",
         epilog="Config: --config configs/infer.py[:validation|tiny] and --config.KEY=VALUE overrides set the "
@@ -63,21 +59,8 @@ def example_inputs(folder: str | None, work: Path) -> list[str]:
     """The example LR images: `folder`'s images as they are, or the packaged HR samples downscaled
     x1/4 (bicubic) into `work`, so that an example's SR output is the sample's own size."""
     if folder is not None:
-        source = Path(folder)
-        if not source.is_dir():
-            raise FileNotFoundError(f"--examples {source}: no such folder")
-        found = sorted(str(p) for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise FileNotFoundError(f"--examples {source}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        return found
-    work.mkdir(parents=True, exist_ok=True)
-    made = []
-    for hr in sorted(PACKAGED_EXAMPLES.glob("*.png")):
-        image = Image.fromarray(read_rgb(hr))
-        lr = image.resize((image.width // 4, image.height // 4), Image.BICUBIC)
-        write_png_atomic(work / hr.name, np.asarray(lr))
-        made.append(str(work / hr.name))
-    return made
+        return [str(path) for path in image_files(folder, "--examples")]
+    return [str(path) for path in write_lr_images(work)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from xpsr_jax.cli_config import report_error
+from xpsr_jax.cli_config import CommandParser, report_error
 from xpsr_jax.data.images import ImageReadError
 from xpsr_jax.evaluation.pairing import PairingError
 from xpsr_jax.evaluation.paper import PAPER_RESULTS, paper_results
@@ -34,7 +34,7 @@ the reason while the others still run.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m xpsr_jax.evaluate",
         description="PSNR/SSIM (Y channel) and pyiqa metrics over a folder of SR predictions.",
         epilog=EPILOG,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from xpsr_jax.files import IMAGE_SUFFIXES
+from xpsr_jax.files import image_files
 
 # How many unmatched names an error message lists before it only counts the rest.
 _LISTED_NAMES = 20
@@ -32,24 +32,8 @@ class ImagePair:
 
 def list_images(folder: str | Path) -> dict[str, Path]:
     """All image files directly in `folder` (by suffix), keyed by file stem, sorted by stem."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PairingError(f"image folder {folder} does not exist or is not a folder")
-    images: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.stem in images:
-            raise PairingError(
-                f"two images with the stem {path.stem!r} in {folder}: {images[path.stem].name} "
-                f"and {path.name}; pairing is by stem, keep one"
-            )
-        images[path.stem] = path
-    if not images:
-        raise PairingError(
-            f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})"
-        )
-    return dict(sorted(images.items()))
+    images = image_files(folder, "image folder", unique_stems=True, error=PairingError)
+    return dict(sorted((path.stem, path) for path in images))
 
 
 def pair_images(pred_dir: str | Path, gt_dir: str | Path | None) -> list[ImagePair]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from xpsr_jax.data.images import read_rgb
 from xpsr_jax.evaluation import iqa
 from xpsr_jax.evaluation.pairing import pair_images
 from xpsr_jax.evaluation.psnr_ssim import psnr_y, ssim_y
 from xpsr_jax.evaluation.report import EvaluationResult
+from xpsr_jax.progress import progress_bar
 
 Y_CHANNEL_METRICS = {"psnr": psnr_y, "ssim": ssim_y}  # ours, numpy; full-reference
 ALL_METRICS = ("psnr", "ssim", *iqa.IQA_METRICS)
@@ -78,7 +78,7 @@ def evaluate_folders(
     skipped: dict[str, str] = {}
     per_image_names = [name for name in running
                        if name in Y_CHANNEL_METRICS or not iqa_metrics[name].metric.over_folders]
-    for pair in tqdm(pairs, desc="evaluating", unit="image", disable=not progress):
+    for pair in progress_bar(pairs, desc="evaluating", unit="image", disable=not progress):
         pred = read_rgb(pair.pred)
         gt = None if pair.gt is None else read_rgb(pair.gt)
         if gt is not None and pred.shape != gt.shape:

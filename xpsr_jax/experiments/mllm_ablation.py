@@ -45,8 +45,9 @@ from ml_collections import config_dict
 from xpsr_jax.captions.io import list_images
 from xpsr_jax.captions.on_demand import check_captioner_folder
 from xpsr_jax.captions.provenance import model_fingerprint
-from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, report_error
+from xpsr_jax.cli_config import CommandParser, ConfigFlagError, parse_config_flags, report_error
 from xpsr_jax.data.images import ImageReadError, image_size
+from xpsr_jax.data.official_layout import LR_FOLDER, is_official_layout
 from xpsr_jax.files import sampled_fingerprint, write_bytes_atomic
 from xpsr_jax.evaluation.iqa import IQA_METRICS, expected_weight_paths, pyiqa_installed
 from xpsr_jax.evaluation.pairing import PairingError
@@ -56,7 +57,6 @@ from xpsr_jax.evaluation.runner import ALL_METRICS, evaluate_folders, needs_refe
 from xpsr_jax.inference import cli as infer_cli
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.preprocess import InputImageError
-from xpsr_jax.inference.prompts import OFFICIAL_LR_FOLDER, is_official_layout
 from xpsr_jax.models.single_file import SINGLE_FILE_SUFFIXES, is_single_file
 from xpsr_jax.weights.fingerprints import tree_fingerprint, weights_fingerprint
 from xpsr_jax.weights.formats import RELEASE, SD15_INFERENCE_PARTS, STABLEHLO, WeightsFormatError, detect_weights_format
@@ -106,7 +106,7 @@ def parse_settings(spec: str, captioner: str) -> dict[str, dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.experiments.mllm_ablation",
+    parser = CommandParser(prog="python -m xpsr_jax.experiments.mllm_ablation",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--lr", required=True, help="folder of LR images (a plain folder: no prompts needed)")
@@ -179,7 +179,7 @@ def check_lr(lr: str, config) -> list[Path]:
     folder = Path(lr)
     if is_official_layout(folder):
         raise StudyInputError(f"--lr {lr}: an official test-set folder (LR/, prompt folders): infer.py would read "
-                              f"its prompts instead of the MLLM's captions; give its {OFFICIAL_LR_FOLDER}/ folder")
+                              f"its prompts instead of the MLLM's captions; give its {LR_FOLDER}/ folder")
     files = list_images(lr)  # CaptionInputError: missing, not a folder, no images, two with one stem
     others = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p not in files
                     and (p.is_file() or (p.is_symlink() and not p.exists())))

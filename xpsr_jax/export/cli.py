@@ -5,34 +5,33 @@
     python -m xpsr_jax.export stablehlo --weights xpsr-release --sd15 sd15 \
         --config configs/infer.py --config.num_inference_steps=20 --out xpsr-stablehlo
 
-Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
-the modules are imported only when their subcommand runs.
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
-from xpsr_jax.cli_config import report_error, split_config_args
+from xpsr_jax.cli_config import CommandParser, report_error, split_config_args
+from xpsr_jax.export import inference_checkpoint, stablehlo, torch_layout
 from xpsr_jax.export.output import ExportError
 from xpsr_jax.weights.formats import WeightsFormatError
 
 SUBCOMMANDS = {
-    "torch": ("xpsr_jax.export.torch_layout", "a training checkpoint -> the official PyTorch release layout"),
-    "orbax": ("xpsr_jax.export.inference_checkpoint", "a release folder -> an inference-only orbax checkpoint"),
-    "stablehlo": ("xpsr_jax.export.stablehlo", "a release -> serialized StableHLO of the sampling function"),
+    "torch": (torch_layout, "a training checkpoint -> the official PyTorch release layout"),
+    "orbax": (inference_checkpoint, "a release folder -> an inference-only orbax checkpoint"),
+    "stablehlo": (stablehlo, "a release -> serialized StableHLO of the sampling function"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.export", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m xpsr_jax.export", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="format", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    for name, (module, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module_name).add_arguments(sub)
+        module.add_arguments(sub)
     return parser
 
 
@@ -43,10 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [arg for arg in argv if arg not in overrides]
     args = build_parser().parse_args(rest)
     if overrides and args.format != "stablehlo":
-        print(f"export {args.format}: error: {overrides[0]}: only `stablehlo` takes a config", file=sys.stderr)
+        report_error(ValueError(f"{overrides[0]}: only `stablehlo` takes a config"), f"export {args.format}: error")
         return 2
     args.config_overrides = overrides
-    module = importlib.import_module(SUBCOMMANDS[args.format][0])
+    module = SUBCOMMANDS[args.format][0]
     try:
         return int(module.run(args) or 0)
     except (ExportError, WeightsFormatError) as error:

@@ -49,7 +49,6 @@ from xpsr_jax.weights.formats import (
 )
 
 BASE_PARTS = SD15_INFERENCE_PARTS  # what --sd15 copies: everything inference needs besides the two networks
-DTYPES = DTYPE_NAMES
 MANIFEST_VERSION = 1
 
 
@@ -61,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ".safetensors / .ckpt file, converted first)")
     add_single_file_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored parameter dtype")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="stored parameter dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
 
 
@@ -114,8 +113,8 @@ def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLi
                                 sd15: str | os.PathLike | None = None, dtype: str = "float32",
                                 overwrite: bool = False) -> Path:
     """Release folder `weights` -> inference checkpoint `out` (see the module docstring)."""
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPE_NAMES)}")
     weights = Path(weights).absolute()
     kind = detect_weights_format(weights)
     if kind != RELEASE:

@@ -36,8 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
-from xpsr_jax.models.dtypes import DTYPE_NAMES
-from xpsr_jax.models.dtypes import DTYPES as DTYPES_BY_NAME
+from xpsr_jax.models.dtypes import DTYPE_NAMES, DTYPES_BY_NAME
 from xpsr_jax.models.loading import abstract_network, load_inference_checkpoint
 from xpsr_jax.models.unet import UNet2DCondition
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
@@ -61,7 +60,6 @@ from xpsr_jax.weights.formats import (
     folder_checksums,
 )
 
-DTYPES = DTYPE_NAMES
 NETWORKS = ("unet", "controlnet")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -72,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help="one orbax checkpoint step folder (WORKDIR/checkpoints/<step>)")
     parser.add_argument("--step", type=int, default=None, help="with --workdir: the step (default: the latest)")
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written tensors")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the written tensors")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (runs with ema_decay > 0)")
     parser.add_argument("--base-model", default=None,
                         help="where the checkpoint's base_model is now (checked by fingerprint)")
@@ -285,8 +283,8 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     """One training checkpoint step folder -> release folder `out` (see the module docstring).
     Every check runs before anything is written; a failure leaves no partial output."""
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPE_NAMES)}")
     checkpoint = Path(checkpoint).absolute()
     meta = read_meta(checkpoint)
     train_config = meta["config"]

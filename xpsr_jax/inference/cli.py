@@ -1,10 +1,10 @@
-"""`python infer.py` / `python -m xpsr_jax.infer`: super-resolve a file or a folder.
+"""`python -m xpsr_jax.infer` (or `python infer.py` in the repository): super-resolve a file or a folder.
 
-    python infer.py --weights xpsr --sd15 sd15 --input LR_DIR --output OUT [--captions captions.jsonl]
-    python infer.py ... --config configs/infer.py:validation --config.num_inference_steps=25
-    python -m xpsr_jax.models.tiny --out /tmp/tiny && python infer.py --weights /tmp/tiny/xpsr \
-        --sd15 /tmp/tiny/sd15 --input xpsr_jax/examples/hr --output /tmp/sr --config configs/infer.py:tiny \
-        --highlevel-prompt "a photo" --lowlevel-prompt "blurry"
+    python -m xpsr_jax.infer --weights xpsr --sd15 sd15 --input LR_DIR --output OUT [--captions captions.jsonl]
+    python -m xpsr_jax.infer ... --config infer.py:validation --config.num_inference_steps=25
+    python -m xpsr_jax.models.tiny --out /tmp/tiny && python -m xpsr_jax.examples --out /tmp/samples
+    python -m xpsr_jax.infer --weights /tmp/tiny/xpsr --sd15 /tmp/tiny/sd15 --input /tmp/samples \
+        --output /tmp/sr --config infer.py:tiny
 
 Every bad input (unreadable or non-image file, image under 8 px, missing prompt) gets one line
 naming the file and the reason; the rest still run; a summary lists the failures and the exit
@@ -29,13 +29,19 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 from PIL import Image
-from tqdm import tqdm
 
 from xpsr_jax.captions.on_demand import caption_missing
-from xpsr_jax.cli_config import parse_command_line, report_error, split_config_args
+from xpsr_jax.cli_config import (
+    CommandParser,
+    add_distributed_arguments,
+    parse_command_line,
+    report_error,
+    split_config_args,
+)
 from xpsr_jax.compile_cache import DEFAULT as DEFAULT_CACHE
 from xpsr_jax.compile_cache import use_compile_cache, user_cache_dir
 from xpsr_jax.data.images import ImageReadError, image_size, read_rgb, write_png_atomic
+from xpsr_jax.data.official_layout import LR_FOLDER, is_official_layout
 from xpsr_jax.distributed import DistributedOptions, initialize_distributed
 from xpsr_jax.files import IMAGE_SUFFIXES
 from xpsr_jax.inference.artifact import (
@@ -49,13 +55,9 @@ from xpsr_jax.inference.batching import super_resolve_iter
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline, check_pretrained
 from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, check_input_size
-from xpsr_jax.inference.prompts import (
-    OFFICIAL_LR_FOLDER,
-    MissingPromptError,
-    PromptSource,
-    is_official_layout,
-)
+from xpsr_jax.inference.prompts import MissingPromptError, PromptSource
 from xpsr_jax.models.single_file import add_single_file_arguments
+from xpsr_jax.progress import progress_bar
 from xpsr_jax.weights.artifact import ArtifactInputError, load_artifact
 
 DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/configs/infer.py)
@@ -71,9 +73,9 @@ class Job(NamedTuple):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python infer.py", description="XPSR super-resolution of an image or a folder.",
-        epilog="Config: --config configs/infer.py[:validation|tiny] and --config.KEY=VALUE overrides "
+    parser = CommandParser(
+        prog="python -m xpsr_jax.infer", description="XPSR super-resolution of an image or a folder.",
+        epilog="Config: --config infer.py[:validation|tiny] and --config.KEY=VALUE overrides "
                "(see configs/infer.py).", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="an image, a folder of images, or an official "
                         "test-set folder (LR/, highlevel_prompt/, lowlevel_prompt*/)")
@@ -103,10 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE.py[:VARIANT]",
                         help="inference config (default configs/infer.py; variants validation, tiny); "
                              "--config.KEY=VALUE overrides one value, e.g. --config.num_inference_steps=25")
-    parser.add_argument("--coordinator-address", help="multi-process: host:port of process 0")
-    parser.add_argument("--num-processes", type=int, default=1,
-                        help="multi-process: number of processes (each takes every N-th file)")
-    parser.add_argument("--process-id", type=int, default=0, help="multi-process: this process's index")
+    add_distributed_arguments(parser)  # each process takes every N-th file
     return parser
 
 
@@ -119,7 +118,7 @@ def list_inputs(path: Path) -> tuple[list[Path], Path | None]:
     if not path.is_dir():
         raise FileNotFoundError(f"--input {path}: no such file or folder")
     root = path if is_official_layout(path) else None
-    folder = path / OFFICIAL_LR_FOLDER if root is not None else path
+    folder = path / LR_FOLDER if root is not None else path
     files = sorted(p for p in folder.iterdir()
                    if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith("."))
     check_distinct_stems(files)
@@ -197,8 +196,7 @@ def load_lr(path: Path, *, apply_exif_orientation: bool = True, config=None) -> 
 
 
 def _init_distributed(args) -> None:
-    initialize_distributed(DistributedOptions(coordinator_address=args.coordinator_address,
-                                              num_processes=args.num_processes, process_id=args.process_id))
+    initialize_distributed(DistributedOptions.from_args(args))
 
 
 def run(args, config, artifact=None) -> int:
@@ -246,7 +244,7 @@ def run(args, config, artifact=None) -> int:
         pipe = ArtifactRunner(artifact, config) if artifact is not None else \
             XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config, tokenizer=args.tokenizer,
                                          sd15_config=args.sd15_config)
-        progress = tqdm(total=len(todo), unit="img", desc="super-resolving", disable=jax.process_index() != 0)
+        progress = progress_bar(total=len(todo), unit="img", desc="super-resolving", disable=jax.process_index() != 0)
         pipe.on_compile = (lambda line: progress.write(line, file=sys.stdout)) if jax.process_index() == 0 else None
         start = time.perf_counter()
 
@@ -320,7 +318,7 @@ def caption_on_the_fly(files, targets, prompts: PromptSource, config, folder: Pa
         caption_transform=captioner.caption_transform, question_preset=captioner.question_preset,
         batch_size=captioner.batch_size, max_new_tokens=captioner.max_new_tokens, dtype=captioner.dtype,
         device=captioner.device or None, log=lambda line: print(line, flush=True),
-        progress=lambda total, desc: tqdm(total=total, unit="img", desc=desc, disable=jax.process_index() != 0))
+        progress=lambda total, desc: progress_bar(total=total, unit="img", desc=desc, disable=jax.process_index() != 0))
     prompts.add_made_captions(result.captions)
     print(f"captions: {result.made} made, {result.reused} reused ({path})", flush=True)
 

@@ -7,18 +7,18 @@ import math
 import numpy as np
 from ml_collections import config_dict
 
+from xpsr_jax.cli_config import ConfigError, config_value, invalid_value
+
 from xpsr_jax.captions.config import DTYPES as CAPTION_DTYPES
 from xpsr_jax.captions.config import QUESTION_PRESETS
 from xpsr_jax.captions.transforms import parse_transforms
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
-from xpsr_jax.models.dtypes import DTYPE_NAMES
-from xpsr_jax.models.dtypes import DTYPES as DTYPES_BY_NAME
+from xpsr_jax.models.dtypes import DTYPE_NAMES, DTYPES_BY_NAME
 from xpsr_jax.schedulers import SAMPLERS
 from xpsr_jax.seeds import VALID_SEEDS, is_valid_seed
 
 INIT_MODES = ("lr_latent", "noise")
 COLOR_FIXES = ("adain", "wavelet", "none")
-DTYPES = DTYPE_NAMES
 FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 TIMESTEP_SPACINGS = ("", "leading", "linspace", "trailing")
 
@@ -88,12 +88,9 @@ def default_infer_config() -> config_dict.ConfigDict:
 
 
 def validate_infer_config(config: config_dict.ConfigDict) -> None:
-    """Raises ValueError naming the first bad key, its value and what is valid."""
-    def bad(key: str, valid: str) -> ValueError:
-        value = config
-        for part in key.split("."):
-            value = value[part]
-        return ValueError(f"inference config: {key}={value!r} is invalid; valid: {valid}")
+    """Raises ConfigError (a ValueError) naming the first bad key, its value and what is valid."""
+    def bad(key: str, valid: str) -> ConfigError:
+        return invalid_value(key, config_value(config, key, "inference"), valid, "inference")
 
     def positive_int(key: str, value) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -109,8 +106,8 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
     if config.final_sigmas_type not in FINAL_SIGMAS_TYPES:
         raise bad("final_sigmas_type", " | ".join(FINAL_SIGMAS_TYPES))
     for key in ("dtype", "param_dtype"):
-        if config[key] not in DTYPES:
-            raise bad(key, " | ".join(DTYPES))
+        if config[key] not in DTYPE_NAMES:
+            raise bad(key, " | ".join(DTYPE_NAMES))
     # NaN fails every comparison, and a value that overflows the dtype it is computed in (1e39 in
     # float32) becomes inf there: both would make black images, so both are refused by name.
     # Guidance mixes the float32 noise predictions; the ControlNet scale multiplies residuals in

@@ -1,11 +1,11 @@
 """Where an image's two prompts come from: the official folder layout, a captions JSONL, or flags.
 
-Official layout (the release's test sets): `ROOT/LR/NAME.png` with `ROOT/highlevel_prompt/NAME.txt`
-and `ROOT/lowlevel_prompt_q/NAME.txt` (another single `lowlevel_prompt*/` folder is used when
-`lowlevel_prompt_q/` is absent: `lowlevel_prompt_folder`); the first line of each file,
-left-stripped, as the release reads it. A captions JSONL (the `xpsr_jax.captions`
-format) is keyed by image id = file stem, with the LR image's captions (`source` "lr"). Captions
-made on the fly (infer.py --captioner) are the last resort: `add_made_captions`.
+Official layout (the release's test sets, read by `xpsr_jax.data.official_layout`, the rule
+training validation and the TFDS builder share): `ROOT/LR/NAME.png` with
+`ROOT/highlevel_prompt/NAME.txt` and `ROOT/lowlevel_prompt_q/NAME.txt`. A captions JSONL (the
+`xpsr_jax.captions` format) is keyed by image id = file stem, with the LR image's captions
+(`source` "lr"). Captions made on the fly (infer.py --captioner) are the last resort:
+`add_made_captions`.
 """
 
 from __future__ import annotations
@@ -14,37 +14,16 @@ import os
 from pathlib import Path
 
 from xpsr_jax.captions.io import load_captions
-
-OFFICIAL_LR_FOLDER = "LR"
-OFFICIAL_HIGHLEVEL_FOLDER = "highlevel_prompt"
-OFFICIAL_LOWLEVEL_PREFIX = "lowlevel_prompt"
-OFFICIAL_LOWLEVEL_FOLDER = "lowlevel_prompt_q"
-
+from xpsr_jax.data.official_layout import (
+    HIGHLEVEL_FOLDER,
+    LOWLEVEL_PREFIX,
+    lowlevel_prompt_folder,
+    prompt_path,
+    read_prompt,
+)
 
 class MissingPromptError(LookupError):
     """No prompt of the requested kind for an image (the message names the image and where)."""
-
-
-def is_official_layout(folder: Path) -> bool:
-    return folder.is_dir() and (folder / OFFICIAL_LR_FOLDER).is_dir()
-
-
-def lowlevel_prompt_folder(root: Path) -> str | None:
-    """The one rule for the low-level prompt folder of an official test set: `lowlevel_prompt_q/`
-    (what the release's test.py reads) when present, else the only `lowlevel_prompt*/` folder;
-    several others are ambiguous (ValueError naming them); none gives None."""
-    candidates = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(OFFICIAL_LOWLEVEL_PREFIX))
-    if OFFICIAL_LOWLEVEL_FOLDER in candidates or not candidates:
-        return OFFICIAL_LOWLEVEL_FOLDER if candidates else None
-    if len(candidates) > 1:
-        raise ValueError(f"{root}: several low-level prompt folders {candidates} and no {OFFICIAL_LOWLEVEL_FOLDER}/; "
-                         f"rename the one to use to {OFFICIAL_LOWLEVEL_FOLDER}/")
-    return candidates[0]
-
-
-def _first_line(path: Path) -> str:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return lines[0].lstrip() if lines else ""
 
 
 class PromptSource:
@@ -84,11 +63,11 @@ class PromptSource:
             return None
         if folder is None:
             raise MissingPromptError(f"{image}: no {kind} prompt: {self.official_root} has no "
-                                     f"{OFFICIAL_LOWLEVEL_PREFIX}*/ folder")
-        path = self.official_root / folder / f"{image.stem}.txt"
+                                     f"{LOWLEVEL_PREFIX}*/ folder")
+        path = prompt_path(self.official_root, folder, Path(image.name))
         if not path.is_file():
             raise MissingPromptError(f"{image}: no {kind} prompt: {path} does not exist")
-        return _first_line(path)
+        return read_prompt(path)
 
     def _one(self, image: Path, kind: str, flag_value: str | None, folder: str | None) -> str:
         if flag_value is not None:
@@ -102,12 +81,12 @@ class PromptSource:
                                          f"image_id {image.stem!r} (source {self.caption_source!r})")
         value = self._official(image, folder, kind)
         if value is None:
-            raise MissingPromptError(f"{image}: no {kind} prompt: give --captions, --{kind}-prompt or the "
-                                     f"official folder layout")
+            raise MissingPromptError(f"{image}: no {kind} prompt: give --captions, --{kind}-prompt, the "
+                                     f"official folder layout, or --captioner DIR (an MLLM makes the prompts)")
         return value
 
     def _kind(self, image: Path, kind: str) -> str:
-        flag, folder = (self.highlevel, OFFICIAL_HIGHLEVEL_FOLDER) if kind == "highlevel" else \
+        flag, folder = (self.highlevel, HIGHLEVEL_FOLDER) if kind == "highlevel" else \
             (self.lowlevel, self.lowlevel_folder)
         try:
             return self._one(image, kind, flag, folder)

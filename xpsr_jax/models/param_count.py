@@ -7,11 +7,11 @@ Builds nothing in memory: the models are traced abstractly, so this runs in seco
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 from flax import nnx
 
+from xpsr_jax.cli_config import CommandParser
 from xpsr_jax.models.unet import UNet2DCondition, UNet2DConditionConfig
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet
 from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
@@ -39,7 +39,7 @@ def parameter_counts(unet_config: UNet2DConditionConfig, *, sfa: bool = False) -
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.models.param_count", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m xpsr_jax.models.param_count", description=__doc__.splitlines()[0])
     parser.add_argument("--unet-config", help="an SD unet/config.json (default: SD 1.5's values)")
     parser.add_argument("--sfa", action="store_true", help="switch Semantic-Fusion Attention on everywhere")
     args = parser.parse_args(argv)

@@ -38,7 +38,6 @@ theirs (`apply_official_init`). tests/test_tiny_model.py checks both against the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -49,6 +48,7 @@ from typing import NamedTuple
 import numpy as np
 from flax import nnx
 
+from xpsr_jax.cli_config import CommandParser
 from xpsr_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
 from xpsr_jax.models.loading import abstract_network
 from xpsr_jax.models.tiny_tokenizer import (
@@ -265,7 +265,7 @@ def write_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> TinyModelP
 
 
 def main(argv=None) -> TinyModelPaths:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.models.tiny", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m xpsr_jax.models.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder; sd15/ and xpsr/ are written inside it")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same files)")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from xpsr_jax.data.images import ImageReadError, encode_png, read_rgb
 from xpsr_jax.files import write_bytes_atomic
-from xpsr_jax.files import IMAGE_SUFFIXES
+from xpsr_jax.files import image_files
 from xpsr_jax.study.store import LR_SOURCE, Source, StudyError
 
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,39}$")
@@ -47,19 +47,11 @@ def parse_method(spec: str) -> tuple[str, Path]:
 
 
 def _images_by_stem(folder: Path, what: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise StudyError(f"{what} {folder}: no such folder")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
-            continue
+    found = image_files(folder, what, unique_stems=True, error=StudyError)
+    for path in found:
         if not _utf8(path.name):
             raise StudyError(f"{what} {folder}: the file name {path.name!r} is not UTF-8 text; rename it")
-        if path.stem in found:
-            raise StudyError(f"{what} {folder}: {found[path.stem].name} and {path.name} share the name "
-                             f"{path.stem!r}; keep one")
-        found[path.stem] = path
-    return found
+    return {path.stem: path for path in found}
 
 
 @dataclass
@@ -84,9 +76,7 @@ class Catalog:
         if len(methods) < 2:
             raise StudyError(f"give at least two --method NAME=DIR to compare (got {len(methods)})")
         lr = _images_by_stem(Path(lr_folder), "--lr")
-        if not lr:
-            raise StudyError(f"--lr {lr_folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        results = {name: _images_by_stem(Path(folder), f"--method {name}=") for name, folder in methods.items()}
+        results = {name: _images_by_stem(Path(folder), f"--method {name}") for name, folder in methods.items()}
         gaps = [f"{name} ({methods[name]}) lacks {len(missing)} of {len(lr)}: {_names(missing)}"
                 for name, found in results.items() if (missing := sorted(set(lr) - set(found)))]
         if gaps:

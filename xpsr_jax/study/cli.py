@@ -21,7 +21,7 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 
-from xpsr_jax.cli_config import report_error
+from xpsr_jax.cli_config import CommandParser, report_error
 from xpsr_jax.study.app import serve
 from xpsr_jax.study.catalog import Catalog, parse_method
 from xpsr_jax.study.report import summarize, write_report
@@ -31,7 +31,7 @@ EXTRA_HINT = "pip install 'xpsr-jax[demo]' (or pip install -e '.[demo]' in a che
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.study",
+    parser = CommandParser(prog="python -m xpsr_jax.study",
                                      description="A blind user study of SR methods: a voting page, and its report.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,report}")
     serve_parser = commands.add_parser("serve", help="serve the voting page",

@@ -16,7 +16,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags, report_error, split_config_args, split_spec
+from xpsr_jax.cli_config import (
+    CommandParser,
+    ConfigFlagError,
+    parse_config_flags,
+    report_error,
+    split_config_args,
+    split_spec,
+)
 from xpsr_jax.files import write_bytes_atomic
 from xpsr_jax.inference.config import validate_infer_config
 from xpsr_jax.models.architectures import NAMED_ARCHITECTURES, architecture
@@ -30,7 +37,7 @@ GiB = 2**30
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m xpsr_jax.tpu_plan", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compile the train step or the sampler for a TPU topology with XLA:TPU on this machine (no "
                     "TPU needed: pip install -e \".[tpu]\") and report per-chip memory against HBM, FLOPs, "

@@ -13,16 +13,17 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from xpsr_jax.cli_config import ConfigError, config_value, invalid_value
 from xpsr_jax.data.pipeline import validate_pipeline_config
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
 from xpsr_jax.models.dtypes import DTYPE_NAMES
 from xpsr_jax.models.single_file import is_single_file, sd15_folder
+from xpsr_jax.training.loss_scale import LOSS_SCALINGS
 from xpsr_jax.training.models import REMAT_POLICIES
 from xpsr_jax.training.optimizer import validate_optimizer_config
 from xpsr_jax.weights.files import WeightFileError
 from xpsr_jax.weights.fingerprints import init_from_fingerprint, weights_fingerprint
 
-LOSS_SCALINGS = ("none", "dynamic")
 # What base_model must hold: subfolder -> a file that proves it is there.
 BASE_MODEL_PARTS = {
     "unet": "config.json",
@@ -58,12 +59,8 @@ RESUME_KEYS = (
 )
 
 
-class ConfigError(ValueError):
-    """A bad training config value; the message is one line."""
-
-
 def _bad(key: str, value: Any, valid: str) -> ConfigError:
-    return ConfigError(f"train config: {key}={value!r} is invalid; valid: {valid}")
+    return invalid_value(key, value, valid, "train")
 
 
 def resolve_train_config(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
@@ -94,13 +91,6 @@ def _check_choice(config, key: str, choices) -> None:
     value = config_value(config, key)
     if value not in choices:
         raise _bad(key, value, " | ".join(choices))
-
-
-def config_value(config: config_dict.ConfigDict, dotted_key: str) -> Any:
-    value = config
-    for part in dotted_key.split("."):
-        value = value[part]
-    return value
 
 
 def check_base_model(path: str, key: str = "base_model") -> None:

@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from xpsr_jax.compile_cache import CompileCacheError, use_compile_cache
 from xpsr_jax.data import tfds_builder
 from xpsr_jax.data.pipeline import make_train_iterator
-from xpsr_jax.distributed import DistributedOptions, initialize_distributed
+from xpsr_jax.distributed import DistributedOptions, initialize_distributed, wait_for_every_process
 from xpsr_jax.models.dtypes import dtype_from_name
+from xpsr_jax.progress import progress_bar
 from xpsr_jax.schedulers import load_scheduler_config, noise_schedule_from_config
 from xpsr_jax.training import config as train_config
 from xpsr_jax.training.checkpoint import (
@@ -80,8 +80,6 @@ class TrainResult:
     final_step: int
     stopped_by_signal: str = ""
     compile_seconds: float = 0.0
-
-
 
 
 def _say(message: str) -> None:
@@ -219,7 +217,8 @@ def train(config, workdir: str | os.PathLike, *,
                                f"but meta step={start_step}")
     _summary(config, mesh, state, frozen, global_batch_size, start_step)
     if start_step >= config.total_steps:
-        _say(f"nothing to do: step {start_step} >= total_steps={config.total_steps}")
+        _say(f"nothing to do: the run is at step {start_step} >= total_steps={config.total_steps}; to train on, "
+             f"rerun with a larger --config.total_steps")
         checkpoints.close()
         return TrainResult(start_step=start_step, final_step=start_step)
 
@@ -230,6 +229,7 @@ def train(config, workdir: str | os.PathLike, *,
     _say(f"compiling the train step (global batch {global_batch_size} at {config.pipeline.resolution} px; "
          f"compile cache: {jax.config.jax_compilation_cache_dir or 'off'}) ...")
     step_fn = make_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, first)
+    wait_for_every_process("xpsr_train_step_compiled")  # the first step's collectives start together
     _say(f"compiled the train step in {step_fn.compile_seconds:.1f} s (tracing and lowering "
          f"{step_fn.lower_seconds:.1f} s, XLA {step_fn.compile_seconds - step_fn.lower_seconds:.1f} s, "
          f"{step_fn.cache})" + (f"; {step_fn.flops / 1e9:.1f} GFLOP per device per step" if step_fn.flops else ""))
@@ -239,7 +239,7 @@ def train(config, workdir: str | os.PathLike, *,
     progress = None
     if is_writer:
 
-        progress = tqdm(total=int(config.total_steps), initial=start_step, desc="train",
+        progress = progress_bar(total=int(config.total_steps), initial=start_step, desc="train",
                         dynamic_ncols=True, file=sys.stderr)
     validator = None
     if config.validation.every > 0:

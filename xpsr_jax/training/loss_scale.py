@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+LOSS_SCALINGS = ("none", "dynamic")  # precision.loss_scaling
 INITIAL_SCALE = 2.0 ** 16
 GROWTH_PERIOD = 2000
 MIN_SCALE = 1.0

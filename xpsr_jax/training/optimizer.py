@@ -15,26 +15,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xpsr_jax.cli_config import ConfigError, config_value, invalid_value
+
 SCHEDULES = ("constant", "cosine")
 OPTIMIZER_KEYS = ("learning_rate", "b1", "b2", "weight_decay", "eps", "schedule", "warmup_steps",
                   "grad_clip_norm", "gradient_accumulation_steps", "ema_decay")
 
 
-def _get(config: Any, key: str) -> Any:
-    try:
-        return config[key]
-    except (KeyError, AttributeError) as error:
-        raise KeyError(f"optimizer config: missing key {key!r}; needed: {list(OPTIMIZER_KEYS)}") from error
-
-
 def validate_optimizer_config(config: Any, total_steps: int) -> None:
     """The one check of the optimizer settings (the training config's validation calls it):
-    ValueError naming the key, the bad value and what is valid."""
-    def bad(key: str, valid: str) -> ValueError:
-        return ValueError(f"optimizer.{key}={_get(config, key)!r} is invalid; valid: {valid}")
+    ConfigError naming the key, the bad value and what is valid."""
+    def bad(key: str, valid: str) -> ConfigError:
+        return invalid_value(f"optimizer.{key}", config[key], valid)
 
     for key in OPTIMIZER_KEYS:
-        _get(config, key)
+        config_value(config, key, "optimizer")
     for key in OPTIMIZER_KEYS:
         value = config[key]
         if key != "schedule" and (isinstance(value, bool) or not isinstance(value, (int, float))

@@ -16,27 +16,22 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from xpsr_jax.cli_config import ConfigError, config_value
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 MIN_SHARDED_ELEMENTS = 2 ** 12
 
 
-def _get(config: Any, key: str) -> Any:
-    try:
-        return config[key]
-    except (KeyError, AttributeError) as error:
-        raise KeyError(f"mesh config: missing key {key!r}") from error
-
-
 def mesh_shape(mesh_config: Any, device_count: int) -> tuple[int, int]:
     """(data, fsdp) sizes; data = -1 takes every device the fsdp axis leaves."""
-    data, fsdp = int(_get(mesh_config, "data")), int(_get(mesh_config, "fsdp"))
+    data, fsdp = int(config_value(mesh_config, "data", "mesh")), int(config_value(mesh_config, "fsdp", "mesh"))
     if fsdp < 1 or device_count % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {device_count}")
+        raise ConfigError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {device_count}")
     if data == -1:
         data = device_count // fsdp
     if data < 1 or data * fsdp != device_count:
-        raise ValueError(f"mesh.data={_get(mesh_config, 'data')} x mesh.fsdp={fsdp} must equal the device count "
+        raise ConfigError(f"mesh.data={config_value(mesh_config, 'data', 'mesh')} x mesh.fsdp={fsdp} must equal the device count "
                          f"{device_count} (mesh.data=-1 uses all devices left over)")
     return data, fsdp
 
@@ -58,7 +53,7 @@ def device_grid(devices: list, shape: tuple[int, int]) -> np.ndarray:
     data, fsdp = shape
     if slices > 1:
         if data % slices:
-            raise ValueError(f"mesh.data={data} must be a multiple of the {slices} slices: data parallelism spans "
+            raise ConfigError(f"mesh.data={data} must be a multiple of the {slices} slices: data parallelism spans "
                              "the slices, fsdp stays inside one")
         return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices)
     try:

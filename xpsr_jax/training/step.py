@@ -24,11 +24,13 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from xpsr_jax.cli_config import invalid_value
 from xpsr_jax.compile_cache import watch_compile
 from xpsr_jax.models.dtypes import dtype_from_name
 from xpsr_jax.training.flat import FlatLayout
 from xpsr_jax.training.loss import latent_shape_for, sample_loss_draws, xpsr_loss
 from xpsr_jax.training.loss_scale import (
+    LOSS_SCALINGS,
     all_finite,
     initial_loss_scale,
     scaled_value_and_grad,
@@ -40,7 +42,6 @@ from xpsr_jax.training.sharding import batch_sharding, replicated, tree_sharding
 from xpsr_jax.training.trainable import MODEL_NAMES, split_trainable
 
 TRAINABLE_MODELS = ("unet", "controlnet")
-LOSS_SCALING = ("none", "dynamic")
 
 # XLA options for a train step on CPU devices (config key `xla_cpu_fast_compile`; figures in
 # benchmarks/README.md, "Compile time"). Without YNNPACK fusions the tiny step loads from the
@@ -177,9 +178,14 @@ def frozen_shardings(frozen: Any, mesh: Mesh, config: Any) -> Any:
 
 
 def _check_precision(config: Any) -> None:
-    if config.precision.loss_scaling not in LOSS_SCALING:
-        raise ValueError(f"precision.loss_scaling={config.precision.loss_scaling!r} is not supported; valid: "
-                         f"{LOSS_SCALING} (float16 compute needs \"dynamic\"; bfloat16 needs none)")
+    if config.precision.loss_scaling not in LOSS_SCALINGS:
+        raise invalid_value("precision.loss_scaling", config.precision.loss_scaling,
+                            " | ".join(LOSS_SCALINGS) + ' (float16 compute needs "dynamic"; bfloat16 none)')
+
+
+def run_optimizer(config: Any) -> optax.GradientTransformation:
+    """The run's optimizer, built the same way where the state is made and where the step is."""
+    return make_optimizer(config.optimizer, int(config.total_steps))
 
 
 def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[TrainState, dict, dict]:
@@ -197,7 +203,7 @@ def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[Tra
     shard = bool(config.mesh.shard_trainable)
     params = jax.device_put(params, tree_shardings(params, mesh, shard=shard))
     frozen = jax.device_put(frozen, frozen_shardings(frozen, mesh, config))
-    tx = make_optimizer(config.optimizer, int(config.total_steps))
+    tx = run_optimizer(config)
     layout = flat_layout(params, mesh, config)
 
     def init(params):
@@ -296,7 +302,7 @@ def lower_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: 
     result (`compile_train_step`) may run in other threads (XLA compiles outside the GIL).
     """
     _check_precision(config)
-    tx = make_optimizer(config.optimizer, int(config.total_steps))
+    tx = run_optimizer(config)
     step_fn = functools.partial(train_step, graphdefs=graphdefs, tx=tx, layout=flat_layout(state.params, mesh, config),
                                 noise_schedule=noise_schedule,
                                 dfc_weight=float(config.loss.dfc_weight), optimizer_config=config.optimizer,

@@ -1,10 +1,11 @@
 """Periodic validation during training: the inference pipeline on a few fixed LR images, saved as
 one LR | SR | HR grid PNG per validation step (`workdir/validation/step_XXXXXXXX.png`).
 
-The images follow the official training script's layout: `validation.lr_dir` holds the LR PNGs
-(the first `validation.num_images` by name); next to it, `HR/<name>` (optional: the grid then
-has two columns), `highlevel_prompt/<stem>.txt` and `lowlevel_prompt/<stem>.txt` (or
-`lowlevel_prompt_q/`; first line; "" when absent).
+The images follow the official layout (`xpsr_jax.data.official_layout`, read as infer.py reads
+it): `validation.lr_dir` holds the LR images (the first `validation.num_images` by name); next
+to it, `HR/<name>` (optional: the grid then has two columns) and the prompt folders
+(`highlevel_prompt/`, `lowlevel_prompt_q/` or the one other `lowlevel_prompt*/`); a missing
+prompt file gives "".
 
 The pipeline (`xpsr_jax.inference.XPSRPipeline`) is built once, on this process's devices; each
 validation hands it the current trainable weights, so its sampling function compiles once.
@@ -26,7 +27,8 @@ from jax.experimental import multihost_utils
 
 from xpsr_jax.cli_config import load_config_file
 from xpsr_jax.data import images as image_io
-from xpsr_jax.files import IMAGE_SUFFIXES
+from xpsr_jax.data import official_layout
+from xpsr_jax.files import image_files
 from xpsr_jax.inference.pipeline import XPSRPipeline
 from xpsr_jax.models import load_clip_tokenizer
 from xpsr_jax.schedulers import load_scheduler_config
@@ -41,32 +43,25 @@ class ValidationImage(NamedTuple):
     lowlevel_prompt: str
 
 
-def _first_line(path: Path) -> str:
-    if not path.is_file():
-        return ""
-    lines = path.read_text().splitlines()
-    return lines[0].strip() if lines else ""
+def _prompt_or_empty(root: Path, kind: str, image: Path) -> str:
+    folder = official_layout.prompt_folder(root, kind)
+    path = None if folder is None else official_layout.prompt_path(root, folder, Path(image.name))
+    return official_layout.read_prompt(path) if path is not None and path.is_file() else ""
 
 
 def load_validation_images(lr_dir: str | os.PathLike, count: int) -> list[ValidationImage]:
     """The first `count` LR images of `lr_dir` (sorted by name) with their HR and prompts."""
     lr_dir = Path(lr_dir)
-    paths = sorted(p for p in lr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
-    if not paths:
-        raise ValueError(f"validation.lr_dir={str(lr_dir)!r} holds no images "
-                         f"({', '.join(IMAGE_SUFFIXES)})")
+    paths = image_files(lr_dir, "validation.lr_dir", error=ValueError)[:count]
     root = lr_dir.parent
     out = []
     for path in paths:
-        hr_path = root / "HR" / path.name
-        lowlevel = root / "lowlevel_prompt" / f"{path.stem}.txt"
-        if not lowlevel.is_file():
-            lowlevel = root / "lowlevel_prompt_q" / f"{path.stem}.txt"
+        hr_path = root / official_layout.HR_FOLDER / path.name
         out.append(ValidationImage(
             name=path.name, lr=image_io.read_rgb(path),
             hr=image_io.read_rgb(hr_path) if hr_path.is_file() else None,
-            highlevel_prompt=_first_line(root / "highlevel_prompt" / f"{path.stem}.txt"),
-            lowlevel_prompt=_first_line(lowlevel)))
+            highlevel_prompt=_prompt_or_empty(root, "highlevel", path),
+            lowlevel_prompt=_prompt_or_empty(root, "lowlevel", path)))
     return out
 
 

@@ -3,19 +3,19 @@ degrade one image (its sides cut to multiples of the scale) and print the parame
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
 import cv2
 
+from xpsr_jax.cli_config import CommandParser
 from xpsr_jax.data.degradation.apply import degrade
 from xpsr_jax.data.degradation.config import default_degradation_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_jax.data.degradation",
+    parser = CommandParser(prog="python -m xpsr_jax.data.degradation",
                                      description="Real-ESRGAN second-order degradation of one HR image.")
     parser.add_argument("--image", required=True, help="HR image to degrade (any format cv2 reads)")
     parser.add_argument("--out", required=True, help="where to write the LR image")
