@@ -86,12 +86,14 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     """The multi-process flags of every command that runs on several processes (train, infer), read
     by `xpsr_jax.distributed.DistributedOptions.from_args`; the underscore spellings still work."""
     group = parser.add_argument_group("multi-process (one process per host, or several on one machine)")
-    for flag, kwargs in (
-            ("--coordinator-address", dict(metavar="HOST:PORT", help="process 0's address (or JAX_COORDINATOR_ADDRESS)")),
-            ("--num-processes", dict(type=int, metavar="N", help="number of processes (or JAX_NUM_PROCESSES)")),
-            ("--process-id", dict(type=int, metavar="I", help="this process's index (or JAX_PROCESS_ID)")),
-            ("--distributed-auto", dict(nargs=0, default=False, help="jax.distributed.initialize() with JAX's "
-                                                                    "cluster detection (TPU pods, SLURM)"))):
+    flags_and_options = (
+        ("--coordinator-address", dict(metavar="HOST:PORT",
+                                       help="process 0's address (or JAX_COORDINATOR_ADDRESS)")),
+        ("--num-processes", dict(type=int, metavar="N", help="number of processes (or JAX_NUM_PROCESSES)")),
+        ("--process-id", dict(type=int, metavar="I", help="this process's index (or JAX_PROCESS_ID)")),
+        ("--distributed-auto", dict(nargs=0, default=False, help="jax.distributed.initialize() with JAX's "
+                                                                "cluster detection (TPU pods, SLURM)")))
+    for flag, kwargs in flags_and_options:
         group.add_argument(flag, "--" + flag[2:].replace("-", "_"), action=DeprecatedSpelling,
                            preferred=flag, **kwargs)
 

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "rerunning the same command resumes from the latest checkpoint in --workdir.",
         epilog=EPILOG.format(keys=config_keys_text(), prog=PROG))
     parser.add_argument("--config", metavar="FILE.py[:VARIANT]",
-                        help="training config (required); the packaged one is train.py (variants: tiny, released_prompts); "
-                             "--config.KEY=VALUE overrides one value (the config is locked: unknown keys fail)")
+                        help="training config (required); the packaged one is train.py (variants: tiny, "
+                             "released_prompts); --config.KEY=VALUE overrides one value (the config is "
+                             "locked: unknown keys fail)")
     parser.add_argument("--workdir", required=True,
                         help="run folder: checkpoints/, metrics.jsonl, tensorboard/, config.json")
     add_distributed_arguments(parser)

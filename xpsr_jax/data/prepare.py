@@ -318,7 +318,7 @@ def run_crop_stage(config: config_dict.ConfigDict, degradation_config=None) -> d
     counts = {"images": len(tasks), "written": 0, "reused": 0, "skipped": 0}
     skipped = []
     progress = progress_bar(_map_tasks(crop_and_degrade, tasks, config.num_workers), total=len(tasks),
-                    desc="crop + degrade", unit="img", dynamic_ncols=True)
+                            desc="crop + degrade", unit="img", dynamic_ncols=True)
     for result in progress:
         counts["written"] += result.written
         counts["reused"] += result.reused

@@ -244,7 +244,8 @@ def run(args, config, artifact=None) -> int:
         pipe = ArtifactRunner(artifact, config) if artifact is not None else \
             XPSRPipeline.from_pretrained(args.weights, sd15=args.sd15, config=config, tokenizer=args.tokenizer,
                                          sd15_config=args.sd15_config)
-        progress = progress_bar(total=len(todo), unit="img", desc="super-resolving", disable=jax.process_index() != 0)
+        progress = progress_bar(total=len(todo), unit="img", desc="super-resolving",
+                                disable=jax.process_index() != 0)
         pipe.on_compile = (lambda line: progress.write(line, file=sys.stdout)) if jax.process_index() == 0 else None
         start = time.perf_counter()
 
@@ -318,7 +319,8 @@ def caption_on_the_fly(files, targets, prompts: PromptSource, config, folder: Pa
         caption_transform=captioner.caption_transform, question_preset=captioner.question_preset,
         batch_size=captioner.batch_size, max_new_tokens=captioner.max_new_tokens, dtype=captioner.dtype,
         device=captioner.device or None, log=lambda line: print(line, flush=True),
-        progress=lambda total, desc: progress_bar(total=total, unit="img", desc=desc, disable=jax.process_index() != 0))
+        progress=lambda total, desc: progress_bar(total=total, unit="img", desc=desc,
+                                                  disable=jax.process_index() != 0))
     prompts.add_made_captions(result.captions)
     print(f"captions: {result.made} made, {result.reused} reused ({path})", flush=True)
 

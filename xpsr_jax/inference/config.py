@@ -7,11 +7,10 @@ import math
 import numpy as np
 from ml_collections import config_dict
 
-from xpsr_jax.cli_config import ConfigError, config_value, invalid_value
-
 from xpsr_jax.captions.config import DTYPES as CAPTION_DTYPES
 from xpsr_jax.captions.config import QUESTION_PRESETS
 from xpsr_jax.captions.transforms import parse_transforms
+from xpsr_jax.cli_config import ConfigError, config_value, invalid_value
 from xpsr_jax.models.attention import ATTENTION_BACKENDS
 from xpsr_jax.models.dtypes import DTYPE_NAMES, DTYPES_BY_NAME
 from xpsr_jax.schedulers import SAMPLERS

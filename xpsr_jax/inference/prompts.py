@@ -22,6 +22,9 @@ from xpsr_jax.data.official_layout import (
     read_prompt,
 )
 
+CAPTIONER_HINT = "or --captioner DIR to have an MLLM make the missing prompts"
+
+
 class MissingPromptError(LookupError):
     """No prompt of the requested kind for an image (the message names the image and where)."""
 
@@ -78,11 +81,12 @@ class PromptSource:
                 return self.captions[key]
             if self.official_root is None:
                 raise MissingPromptError(f"{image}: no {kind} prompt: {self.captions_path} has no record for "
-                                         f"image_id {image.stem!r} (source {self.caption_source!r})")
+                                         f"image_id {image.stem!r} (source {self.caption_source!r}); "
+                                         f"{CAPTIONER_HINT}")
         value = self._official(image, folder, kind)
         if value is None:
-            raise MissingPromptError(f"{image}: no {kind} prompt: give --captions, --{kind}-prompt, the "
-                                     f"official folder layout, or --captioner DIR (an MLLM makes the prompts)")
+            raise MissingPromptError(f"{image}: no {kind} prompt: give --captions, --{kind}-prompt or the "
+                                     f"official folder layout; {CAPTIONER_HINT}")
         return value
 
     def _kind(self, image: Path, kind: str) -> str:

@@ -238,12 +238,10 @@ def train(config, workdir: str | os.PathLike, *,
         if is_writer else None
     progress = None
     if is_writer:
-
         progress = progress_bar(total=int(config.total_steps), initial=start_step, desc="train",
-                        dynamic_ncols=True, file=sys.stderr)
+                                dynamic_ncols=True, file=sys.stderr)
     validator = None
     if config.validation.every > 0:
-
         validator = Validator(config, workdir)
     stop = StopSignal()
     any_stop = _AnyProcessFlag(mesh)

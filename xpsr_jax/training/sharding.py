@@ -25,14 +25,15 @@ MIN_SHARDED_ELEMENTS = 2 ** 12
 
 def mesh_shape(mesh_config: Any, device_count: int) -> tuple[int, int]:
     """(data, fsdp) sizes; data = -1 takes every device the fsdp axis leaves."""
-    data, fsdp = int(config_value(mesh_config, "data", "mesh")), int(config_value(mesh_config, "fsdp", "mesh"))
+    given_data = config_value(mesh_config, "data", "mesh")
+    data, fsdp = int(given_data), int(config_value(mesh_config, "fsdp", "mesh"))
     if fsdp < 1 or device_count % fsdp:
         raise ConfigError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {device_count}")
     if data == -1:
         data = device_count // fsdp
     if data < 1 or data * fsdp != device_count:
-        raise ConfigError(f"mesh.data={config_value(mesh_config, 'data', 'mesh')} x mesh.fsdp={fsdp} must equal the device count "
-                         f"{device_count} (mesh.data=-1 uses all devices left over)")
+        raise ConfigError(f"mesh.data={given_data} x mesh.fsdp={fsdp} must equal the device count "
+                          f"{device_count} (mesh.data=-1 uses all devices left over)")
     return data, fsdp
 
 
@@ -53,8 +54,8 @@ def device_grid(devices: list, shape: tuple[int, int]) -> np.ndarray:
     data, fsdp = shape
     if slices > 1:
         if data % slices:
-            raise ConfigError(f"mesh.data={data} must be a multiple of the {slices} slices: data parallelism spans "
-                             "the slices, fsdp stays inside one")
+            raise ConfigError(f"mesh.data={data} must be a multiple of the {slices} slices: data parallelism "
+                              "spans the slices, fsdp stays inside one")
         return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices)
     try:
         return mesh_utils.create_device_mesh(shape, devices)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from xpsr_jax.cli_config import load_config_file
+from xpsr_jax.cli_config import ConfigError, load_config_file
 from xpsr_jax.data import images as image_io
 from xpsr_jax.data import official_layout
 from xpsr_jax.files import image_files
@@ -52,7 +52,7 @@ def _prompt_or_empty(root: Path, kind: str, image: Path) -> str:
 def load_validation_images(lr_dir: str | os.PathLike, count: int) -> list[ValidationImage]:
     """The first `count` LR images of `lr_dir` (sorted by name) with their HR and prompts."""
     lr_dir = Path(lr_dir)
-    paths = image_files(lr_dir, "validation.lr_dir", error=ValueError)[:count]
+    paths = image_files(lr_dir, "validation.lr_dir", error=ConfigError)[:count]
     root = lr_dir.parent
     out = []
     for path in paths:
