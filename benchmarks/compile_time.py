@@ -88,51 +88,25 @@ def _tiny_training():
 
 def _train_row(size: str) -> dict:
     import jax
-    from flax import nnx
 
     from xpsr_jax.configs.train import get_config
     from xpsr_jax.schedulers import noise_schedule_from_config
-    from xpsr_jax.training import create_train_state, make_mesh
-    from xpsr_jax.training.step import lower_train_step, split_models
+    from xpsr_jax.training import make_mesh
+    from xpsr_jax.training.step import lower_train_step
 
     if size == "tiny":
         config, mesh, schedule, state, frozen, graphdefs = _tiny_training()
         batch_size, resolution = int(config.pipeline.batch_size), int(config.pipeline.resolution)
     else:  # SD 1.5 size from shapes: the state is built under eval_shape, nothing is allocated
-        import jax.numpy as jnp
-
-        from xpsr_jax.models import (
-            AutoencoderKL,
-            AutoencoderKLConfig,
-            CLIPTextConfig,
-            CLIPTextEncoder,
-            XPSRControlNet,
-            XPSRUNet,
-            XPSRUNetConfig,
-        )
-        from xpsr_jax.training import XPSRModels
-        from xpsr_jax.training.models import remat_block_types
+        from xpsr_jax.models.architectures import architecture
+        from xpsr_jax.training.abstract import abstract_train_state, abstract_training_models
 
         config = get_config()
-        kwargs = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32, attention_backend="xla")
-        unet = nnx.eval_shape(lambda: XPSRUNet(XPSRUNetConfig(), rngs=nnx.Rngs(0), **kwargs))
-        controlnet = nnx.eval_shape(lambda: XPSRControlNet.from_unet(unet, rngs=nnx.Rngs(0),
-                                                                     load_weights_from_unet=False, **kwargs)[0])
-        unet.remat_block_types = remat_block_types(config.remat.unet)
-        controlnet.remat_block_types = remat_block_types(config.remat.controlnet)
-        vae = nnx.eval_shape(lambda: AutoencoderKL(AutoencoderKLConfig(), rngs=nnx.Rngs(0), **kwargs))
-        text_encoder = nnx.eval_shape(lambda: CLIPTextEncoder(CLIPTextConfig.stable_diffusion_v1(), rngs=nnx.Rngs(0), **kwargs))
-        models = XPSRModels(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder)
+        config.precision.compute_dtype = "bfloat16"
+        config.attention_backend = "xla"
         mesh = make_mesh(config.mesh, jax.devices()[:1])
-        graphdefs = split_models(models)[0]
-        names = list(XPSRModels._fields)
-        defs, states = zip(*(nnx.split(getattr(models, name)) for name in names))
-
-        def build(states):
-            merged = XPSRModels(**{n: nnx.merge(d, s) for n, d, s in zip(names, defs, states)})
-            return create_train_state(merged, config, mesh)[:2]
-
-        state, frozen = jax.eval_shape(build, list(states))
+        models = abstract_training_models(architecture("sd15"), config)
+        graphdefs, state, frozen = abstract_train_state(models, config, mesh)
         schedule = noise_schedule_from_config(dict(beta_start=0.00085, beta_end=0.012,
                                                    beta_schedule="scaled_linear", num_train_timesteps=1000))
         batch_size, resolution = 1, int(config.pipeline.resolution)

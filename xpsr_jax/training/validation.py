@@ -43,8 +43,7 @@ class ValidationImage(NamedTuple):
     lowlevel_prompt: str
 
 
-def _prompt_or_empty(root: Path, kind: str, image: Path) -> str:
-    folder = official_layout.prompt_folder(root, kind)
+def _prompt_or_empty(root: Path, folder: str | None, image: Path) -> str:
     path = None if folder is None else official_layout.prompt_path(root, folder, Path(image.name))
     return official_layout.read_prompt(path) if path is not None and path.is_file() else ""
 
@@ -54,14 +53,15 @@ def load_validation_images(lr_dir: str | os.PathLike, count: int) -> list[Valida
     lr_dir = Path(lr_dir)
     paths = image_files(lr_dir, "validation.lr_dir", error=ConfigError)[:count]
     root = lr_dir.parent
+    folders = {kind: official_layout.prompt_folder(root, kind) for kind in official_layout.PROMPT_KINDS}
     out = []
     for path in paths:
         hr_path = root / official_layout.HR_FOLDER / path.name
         out.append(ValidationImage(
             name=path.name, lr=image_io.read_rgb(path),
             hr=image_io.read_rgb(hr_path) if hr_path.is_file() else None,
-            highlevel_prompt=_prompt_or_empty(root, "highlevel", path),
-            lowlevel_prompt=_prompt_or_empty(root, "lowlevel", path)))
+            highlevel_prompt=_prompt_or_empty(root, folders["highlevel"], path),
+            lowlevel_prompt=_prompt_or_empty(root, folders["lowlevel"], path)))
     return out
 
 
