@@ -94,7 +94,7 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a `.safetensors`, `.bin` / `.ckpt` (PyTorch, tensors only), or sharded `*.index.json`
+    """Read a `.safetensors`, `.bin` / `.ckpt` / `.pth` (PyTorch, tensors only), or sharded `*.index.json`
     file into name -> numpy array."""
     path = Path(path)
     if not path.is_file():
@@ -110,9 +110,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return state
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    if path.suffix in (".bin", ".ckpt"):  # PyTorch pickles, read with weights_only=True
+    if path.suffix in (".bin", ".ckpt", ".pth"):  # PyTorch pickles, read with weights_only=True
         return _read_torch_bin(path)
-    raise WeightFileError(f"{path}: unknown weights format (expected .safetensors, .bin, .ckpt or *.index.json)")
+    raise WeightFileError(f"{path}: unknown weights format (expected .safetensors, .bin, .ckpt, .pth or *.index.json)")
 
 
 def write_state_dict(path: str | os.PathLike, state: dict[str, np.ndarray]) -> None:
