@@ -100,8 +100,8 @@ def train_env(setup: TinySetup, device_count: int) -> dict[str, str]:
     return env
 
 
-def train_command(setup: TinySetup, workdir: Path, *overrides: str) -> list[str]:
-    return [PYTHON, str(REPO / "train.py"), "--config", f"{REPO / 'configs' / 'train.py'}:tiny",
+def train_command(setup: TinySetup, workdir: Path, *overrides: str, variants: str = "tiny") -> list[str]:
+    return [PYTHON, str(REPO / "train.py"), "--config", f"{REPO / 'configs' / 'train.py'}:{variants}",
             "--workdir", str(workdir), f"--config.base_model={setup.sd15}",
             f"--config.pipeline.data_dir={setup.data_dir}", *overrides]
 
@@ -113,8 +113,8 @@ class Finished(NamedTuple):
 
 
 def run_train(setup: TinySetup, workdir: Path, *overrides: str, device_count: int = 4,
-              extra_args: tuple[str, ...] = (), timeout: float = 3600) -> Finished:
-    done = subprocess.run(train_command(setup, workdir, *overrides) + list(extra_args),
+              extra_args: tuple[str, ...] = (), timeout: float = 3600, variants: str = "tiny") -> Finished:
+    done = subprocess.run(train_command(setup, workdir, *overrides, variants=variants) + list(extra_args),
                           env=train_env(setup, device_count), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
     return Finished(done.returncode, done.stdout, done.stderr)
@@ -128,9 +128,10 @@ def logged_steps(workdir: Path) -> int:
 
 
 def run_and_signal(setup: TinySetup, workdir: Path, *overrides: str, after_step: int,
-                   signal_number: int, device_count: int = 4, timeout: float = 3600) -> Finished:
+                   signal_number: int, device_count: int = 4, timeout: float = 3600,
+                   variants: str = "tiny") -> Finished:
     """Starts train.py and sends `signal_number` once metrics.jsonl shows `after_step`."""
-    process = subprocess.Popen(train_command(setup, workdir, *overrides),
+    process = subprocess.Popen(train_command(setup, workdir, *overrides, variants=variants),
                                env=train_env(setup, device_count), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + timeout

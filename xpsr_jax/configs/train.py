@@ -12,7 +12,9 @@ Rerunning the same command with the same --workdir resumes from the latest check
 
 Variants (`:a,b`): `tiny` shrinks resolution, batch, steps and precision for a CPU run on
 the tiny models of `xpsr_jax.models.tiny`; `released_prompts` feeds the empty high-level
-prompt as the released training script does (the default is the paper's HR caption).
+prompt as the released training script does (the default is the paper's HR caption);
+`one_step` trains the one-step XPSR (OSEDiff's objective, docs/one_step.md) with the official
+OSEDiff hyper-parameters (`tiny,one_step` on a CPU).
 Command-line flags (`--config.KEY=VALUE`) override file values; the config is locked, so a
 mistyped key is an error. `xpsr_jax.training.config.validate_train_config` checks values.
 """
@@ -21,7 +23,12 @@ from ml_collections import config_dict
 
 from xpsr_jax.data.pipeline import default_pipeline_config
 
-VARIANTS = ("tiny", "released_prompts")
+VARIANTS = ("tiny", "released_prompts", "one_step")
+# scripts/train/train_osediff.sh of the official OSEDiff code (--neg_prompt).
+OSEDIFF_NEGATIVE_PROMPT = (
+    "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, unreal engine, "
+    "blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, "
+    "lowres, over-smooth")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -81,8 +88,27 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.optimizer.gradient_accumulation_steps = 2  # official 2 (optax.MultiSteps)
     config.optimizer.ema_decay = 0.0  # EMA of the trainable weights; 0 = off
 
+    # "xpsr": the paper's diffusion objective; "one_step": the one-step generator (the one_step variant)
+    config.objective = "xpsr"
+
     config.loss = config_dict.ConfigDict()
     config.loss.dfc_weight = 0.05  # weight of the degradation-free constraint L1 terms
+    # objective "one_step": LPIPS's VGG16 trunk, torchvision's ImageNet checkpoint (vgg16-397923af.pth),
+    # and its lin layers ("" = the lpips package's weights/v0.1/vgg.pth, as lpips.LPIPS(net="vgg")).
+    config.loss.lpips_backbone = ""
+    config.loss.lpips_weights = ""
+
+    # The one-step objective (objective "one_step"): OSEDiff's defaults, train_osediff.py / .sh lines.
+    config.one_step = config_dict.ConfigDict()
+    config.one_step.init_from = ""  # a multi-step XPSR release to start ControlNet / SFA from (= init_from)
+    config.one_step.lora_rank = 4  # --lora_rank=4
+    config.one_step.lora_alpha = 8.0  # peft LoraConfig's default lora_alpha (OSEDiff leaves it unset)
+    config.one_step.lambda_l2 = 1.0  # --lambda_l2=1
+    config.one_step.lambda_lpips = 2.0  # --lambda_lpips=2
+    config.one_step.lambda_vsd = 1.0  # --lambda_vsd=1
+    config.one_step.lambda_vsd_lora = 1.0  # --lambda_vsd_lora=1
+    config.one_step.cfg_vsd = 7.5  # --cfg_vsd=7.5
+    config.one_step.negative_prompt = OSEDIFF_NEGATIVE_PROMPT  # --neg_prompt
 
     config.precision = config_dict.ConfigDict()
     config.precision.param_dtype = "float32"  # trainable master weights
@@ -140,6 +166,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         config.remat.controlnet = "none"
         config.attention_backend = "xla"
         config.validation.num_images = 2
+    if "one_step" in variants:
+        config.objective = "one_step"
+        # train_osediff.sh: --learning_rate=5e-5 --train_batch_size=4 (x 4 GPUs)
+        # --gradient_accumulation_steps=1 --checkpointing_steps 500; --max_train_steps default 100000;
+        # AdamW defaults (0.9, 0.999, wd 1e-2, eps 1e-8), constant schedule, --max_grad_norm 1.0 per network.
+        if "tiny" not in variants:
+            config.optimizer.learning_rate = 5e-5
+            config.pipeline.batch_size = 16
+            config.total_steps = 100_000
+            config.checkpoint_every = 500
+        config.optimizer.gradient_accumulation_steps = 1
     if "released_prompts" in variants:
         config.pipeline.highlevel_prompt_source = "empty"
     config.lock()

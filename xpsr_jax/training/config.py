@@ -56,7 +56,12 @@ RESUME_KEYS = (
     "precision.param_dtype",
     "precision.loss_scaling",
     "loss.dfc_weight",
+    "objective",
+    "one_step.lora_rank",
 )
+# What a workdir written before a RESUME_KEYS key existed ran with.
+RESUME_DEFAULTS = {"objective": "xpsr", "one_step.lora_rank": 4}
+OBJECTIVES = ("xpsr", "one_step")
 
 
 def _bad(key: str, value: Any, valid: str) -> ConfigError:
@@ -68,6 +73,12 @@ def resolve_train_config(config: config_dict.ConfigDict) -> config_dict.ConfigDi
     (pipeline.tokenizer_path "" -> base_model/tokenizer; a single-file base_model -> the diffusers
     folder it is converted into, once, in the user cache)."""
     resolved = config_dict.ConfigDict(config.to_dict())
+    one_step_init = resolved.get("one_step", {}).get("init_from", "")
+    if one_step_init:
+        if resolved.init_from and resolved.init_from != one_step_init:
+            raise ConfigError(f"train config: one_step.init_from={one_step_init!r} and init_from="
+                              f"{resolved.init_from!r} differ; give one of them (they name the same release)")
+        resolved.init_from = one_step_init
     if resolved.base_model and is_single_file(resolved.base_model):
         try:
             resolved.base_model = str(sd15_folder(resolved.base_model,
@@ -194,11 +205,39 @@ def validate_train_config(config: config_dict.ConfigDict, *, check_paths: bool =
     if not isinstance(config.get("xla_cpu_fast_compile", True), bool):
         raise _bad("xla_cpu_fast_compile", config.xla_cpu_fast_compile, "true or false")
 
+    _check_objective(config, check_paths)
     _check_int(config, "validation.every", 0)
     _check_int(config, "validation.num_images", 1)
     if config.validation.every > 0 and check_paths and not Path(config.validation.lr_dir).is_dir():
         raise ConfigError(f"train config: validation.lr_dir={config.validation.lr_dir!r}: no such "
                           "folder (needed with validation.every > 0)")
+
+
+def _check_objective(config: config_dict.ConfigDict, check_paths: bool) -> None:
+    objective = config.get("objective", "xpsr")
+    if objective not in OBJECTIVES:
+        raise _bad("objective", objective, " | ".join(OBJECTIVES))
+    if objective != "one_step":
+        return
+    _check_int(config, "one_step.lora_rank", 1)
+    for key in ("one_step.lora_alpha", "one_step.lambda_l2", "one_step.lambda_lpips", "one_step.lambda_vsd",
+                "one_step.lambda_vsd_lora", "one_step.cfg_vsd"):
+        value = config_value(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise _bad(key, value, "a finite number >= 0")
+    if not isinstance(config.one_step.negative_prompt, str):
+        raise _bad("one_step.negative_prompt", config.one_step.negative_prompt, "a string")
+    if config.precision.loss_scaling != "none":
+        raise _bad("precision.loss_scaling", config.precision.loss_scaling,
+                   '"none" with objective "one_step" (use bfloat16 compute)')
+    if config.validation.every:
+        raise _bad("validation.every", config.validation.every,
+                   '0 with objective "one_step" (its validation grids are not built yet; run infer on a checkpoint '
+                   "export)")
+    if check_paths and not Path(config.loss.lpips_backbone or "").is_file():
+        raise ConfigError(f"train config: loss.lpips_backbone={config.loss.lpips_backbone!r}: no such file; the "
+                          "one-step objective's LPIPS needs torchvision's VGG16 ImageNet weights "
+                          "(vgg16-397923af.pth)")
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -229,6 +268,8 @@ def check_workdir_config(config: config_dict.ConfigDict, workdir: str | os.PathL
         have = stored
         for part in key.split("."):
             have = have.get(part, "<absent>") if isinstance(have, dict) else "<absent>"
+        if have == "<absent>":
+            have = RESUME_DEFAULTS.get(key, have)
         if _normalise(have) != wanted:
             raise ConfigError(
                 f"workdir {str(workdir)!r} was written by an incompatible config: {key}="

@@ -52,6 +52,7 @@ from xpsr_jax.training.checkpoint import (
 from xpsr_jax.training.loss import BATCH_KEYS
 from xpsr_jax.training.metrics import MetricsWriter
 from xpsr_jax.training.models import load_training_models
+from xpsr_jax.training.one_step_train import create_one_step_state, load_one_step_networks, one_step_step_fn
 from xpsr_jax.training.sharding import global_batch, make_mesh
 from xpsr_jax.training.step import (
     checkpoint_restore_target,
@@ -67,6 +68,7 @@ STATE_VERSION = 2  # 2: optimizer state in the flat layout of meta["optimizer_la
 
 
 SPEED_WINDOW = 10  # steps the logged s/step and img/s are averaged over
+PROGRESS_TERMS = ("loss", "mse", "dfc", "l2", "lpips", "vsd", "regulariser")  # those a step has, on the bar
 COMPILE_CACHE_DIR = "compile_cache"  # in the workdir, with compile_cache="default"
 
 
@@ -164,6 +166,19 @@ def _check_inputs(config, workdir: Path) -> tuple[dict, int | None, dict | None]
     return reference, latest, meta
 
 
+def _create_state(config, mesh):
+    """(state, frozen, graphdefs) of the config's objective, placed on `mesh`."""
+    if config.get("objective", "xpsr") == "one_step":
+        return create_one_step_state(load_one_step_networks(config), config, mesh)
+    models = load_training_models(
+        config.base_model, config.init_from, config.model.to_dict(),
+        dtype=dtype_from_name(config.precision.compute_dtype, "precision.compute_dtype"),
+        param_dtype=dtype_from_name(config.precision.param_dtype, "precision.param_dtype"),
+        attention_backend=config.attention_backend, remat_unet=config.remat.unet,
+        remat_controlnet=config.remat.controlnet, seed=int(config.seed))
+    return create_train_state(models, config, mesh)
+
+
 def train(config, workdir: str | os.PathLike, *,
           distributed: DistributedOptions | None = None) -> TrainResult:
     """Trains (or resumes) in `workdir`; see the module docstring. Raises ConfigError on bad
@@ -190,14 +205,7 @@ def train(config, workdir: str | os.PathLike, *,
             f"{jax.process_count()} process(es) = {global_batch_size} is not divisible by the "
             f"{mesh.size} devices; valid: a per-process batch that makes it divisible")
 
-    models = load_training_models(
-        config.base_model, config.init_from, config.model.to_dict(),
-        dtype=dtype_from_name(config.precision.compute_dtype, "precision.compute_dtype"),
-        param_dtype=dtype_from_name(config.precision.param_dtype, "precision.param_dtype"),
-        attention_backend=config.attention_backend, remat_unet=config.remat.unet,
-        remat_controlnet=config.remat.controlnet, seed=int(config.seed))
-    state, frozen, graphdefs = create_train_state(models, config, mesh)
-    del models
+    state, frozen, graphdefs = _create_state(config, mesh)
     noise_schedule = noise_schedule_from_config(load_scheduler_config(config.base_model))
 
     checkpoints_dir = checkpoint_directory(workdir, config.get("checkpoint_dir", ""))
@@ -228,7 +236,10 @@ def train(config, workdir: str | os.PathLike, *,
     first = global_batch(_model_batch(next(iterator), BATCH_KEYS), mesh)
     _say(f"compiling the train step (global batch {global_batch_size} at {config.pipeline.resolution} px; "
          f"compile cache: {jax.config.jax_compilation_cache_dir or 'off'}) ...")
-    step_fn = make_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, first)
+    objective_step = None
+    if config.get("objective", "xpsr") == "one_step":
+        objective_step = one_step_step_fn(config, graphdefs, noise_schedule, mesh, state)
+    step_fn = make_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, first, step_fn=objective_step)
     wait_for_every_process("xpsr_train_step_compiled")  # the first step's collectives start together
     _say(f"compiled the train step in {step_fn.compile_seconds:.1f} s (tracing and lowering "
          f"{step_fn.lower_seconds:.1f} s, XLA {step_fn.compile_seconds - step_fn.lower_seconds:.1f} s, "
@@ -277,11 +288,9 @@ def train(config, workdir: str | os.PathLike, *,
             writer.write(step, values)
         if progress is not None:
             progress.update(1)
-            nan = float("nan")
-            progress.set_postfix_str(
-                f"loss {values['loss']:.4f} mse {values.get('mse', nan):.4f} "
-                f"dfc {values.get('dfc', nan):.4f} {values['images_per_second']:.1f} img/s "
-                f"{step_seconds:.2f} s/step", refresh=False)
+            terms = " ".join(f"{key} {values[key]:.4f}" for key in PROGRESS_TERMS if key in values)
+            progress.set_postfix_str(f"{terms} {values['images_per_second']:.1f} img/s {step_seconds:.2f} s/step",
+                                     refresh=False)
 
     def drain() -> None:
         while pending:

@@ -194,16 +194,23 @@ def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[Tra
     Trainable params are cast to precision.param_dtype, frozen ones to precision.frozen_dtype.
     The optimizer state is initialised under jit straight into its sharding.
     """
+    graphdefs, params, frozen = split_models(models)
+    state, frozen = place_train_state(params, frozen, config, mesh, run_optimizer(config))
+    return state, frozen, graphdefs
+
+
+def place_train_state(params: Any, frozen: Any, config: Any, mesh: Mesh,
+                      tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
+    """(TrainState, frozen) of split trainable / frozen trees (any objective's), cast and placed
+    by the config's precision and sharding rules, the optimizer state of `tx` made under jit."""
     _check_precision(config)
     param_dtype = dtype_from_name(config.precision.param_dtype, "precision.param_dtype")
     frozen_dtype = dtype_from_name(config.precision.frozen_dtype, "precision.frozen_dtype")
-    graphdefs, params, frozen = split_models(models)
     params = _cast_floats(params, param_dtype)
     frozen = _cast_floats(frozen, frozen_dtype)
     shard = bool(config.mesh.shard_trainable)
     params = jax.device_put(params, tree_shardings(params, mesh, shard=shard))
     frozen = jax.device_put(frozen, frozen_shardings(frozen, mesh, config))
-    tx = run_optimizer(config)
     layout = flat_layout(params, mesh, config)
 
     def init(params):
@@ -219,7 +226,7 @@ def create_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[Tra
     if config.precision.loss_scaling == "dynamic":
         loss_scale = jax.device_put(initial_loss_scale(), replicated(mesh))
     state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng, ema_params=ema, loss_scale=loss_scale)
-    return state, frozen, graphdefs
+    return state, frozen
 
 
 def _where_tree(condition: jax.Array, new: Any, old: Any) -> Any:
@@ -252,6 +259,23 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     else:
         (loss, terms), grads = scaled_value_and_grad(loss_fn, loss_scale)(state.params)
+    new_state, grad_norm, grads_finite, apply = apply_gradients(state, grads, loss, tx=tx, layout=layout,
+                                                                optimizer_config=optimizer_config)
+    metrics = {**terms, "grad_norm": grad_norm,
+               "learning_rate": learning_rate_at(optimizer_config, total_steps, state.step)}
+    if loss_scale is None:
+        metrics["is_finite"] = apply
+    else:
+        metrics.update(is_finite=jnp.isfinite(loss), loss_scale=loss_scale.scale, skipped=~apply)
+        loss_scale = update_loss_scale(loss_scale, grads_finite)
+    return new_state.replace(loss_scale=loss_scale), metrics
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, *, tx: optax.GradientTransformation,
+                    layout: FlatLayout, optimizer_config: Any) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
+    """(state one step on, grad norm, gradients finite, update applied): the optimizer update of
+    `grads` (a tree like state.params) on the flat buffers of `layout`; a non-finite loss or
+    gradient leaves params, optimizer state and EMA unchanged."""
     grads = layout.flatten(grads)
     old_params = layout.flatten(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -265,16 +289,8 @@ def train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array], *
         accumulation = int(optimizer_config.gradient_accumulation_steps)
         updated = apply & ((state.step + 1) % accumulation == 0)  # only when the weights moved
         ema = _where_tree(updated, ema_update(ema, params, float(optimizer_config.ema_decay)), ema)
-    metrics = {**terms, "grad_norm": grad_norm,
-               "learning_rate": learning_rate_at(optimizer_config, total_steps, state.step)}
-    if loss_scale is None:
-        metrics["is_finite"] = apply
-    else:
-        metrics.update(is_finite=jnp.isfinite(loss), loss_scale=loss_scale.scale, skipped=~apply)
-        loss_scale = update_loss_scale(loss_scale, grads_finite)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                              loss_scale=loss_scale)
-    return new_state, metrics
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new_state, grad_norm, grads_finite, apply
 
 
 def _abstract(tree: Any) -> Any:
@@ -294,19 +310,21 @@ def _flops(compiled: Any) -> float | None:
 
 
 def lower_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
-                     state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> tuple[Any, float]:
-    """jax.jit of `train_step` with explicit in/out shardings and the state donated, lowered for
-    the shapes of (state, frozen, batch) (arrays or ShapeDtypeStructs); returns (lowered, seconds).
+                     state: TrainState, frozen: Any, batch: Mapping[str, Any], *,
+                     step_fn: Any = None) -> tuple[Any, float]:
+    """jax.jit of `train_step` (or `step_fn(state, frozen, batch)`, another objective's step) with
+    explicit in/out shardings and the state donated, lowered for the shapes of (state, frozen,
+    batch) (arrays or ShapeDtypeStructs); returns (lowered, seconds).
 
     Lowering traces the NNX modules, which must happen on one thread at a time; compiling the
     result (`compile_train_step`) may run in other threads (XLA compiles outside the GIL).
     """
     _check_precision(config)
-    tx = run_optimizer(config)
-    step_fn = functools.partial(train_step, graphdefs=graphdefs, tx=tx, layout=flat_layout(state.params, mesh, config),
-                                noise_schedule=noise_schedule,
-                                dfc_weight=float(config.loss.dfc_weight), optimizer_config=config.optimizer,
-                                total_steps=int(config.total_steps))
+    if step_fn is None:
+        step_fn = functools.partial(train_step, graphdefs=graphdefs, tx=run_optimizer(config),
+                                    layout=flat_layout(state.params, mesh, config), noise_schedule=noise_schedule,
+                                    dfc_weight=float(config.loss.dfc_weight), optimizer_config=config.optimizer,
+                                    total_steps=int(config.total_steps))
     state_sh = state_shardings(state, mesh, config)
     batch_sh = {key: batch_sharding(mesh) for key in batch}
     jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_shardings(frozen, mesh, config), batch_sh),
@@ -340,10 +358,12 @@ def compile_train_step(lowered: Any, lower_seconds: float = 0.0,
 
 
 def make_train_step(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
-                    state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> CompiledTrainStep:
+                    state: TrainState, frozen: Any, batch: Mapping[str, Any], *,
+                    step_fn: Any = None) -> CompiledTrainStep:
     """The train step lowered (`lower_train_step`) and compiled now for the shapes of
     (state, frozen, batch)."""
-    return compile_train_step(*lower_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, batch),
+    return compile_train_step(*lower_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, batch,
+                                                step_fn=step_fn),
                               compiler_options=train_compiler_options(config, mesh))
 
 
