@@ -203,6 +203,9 @@ row "sampling, xpsr-jax, batch ${SAMPLE_BATCHES[*]}" 150 \
 row "sampling, PyTorch eager, batch ${SAMPLE_BATCHES[*]}" 90 "${TORCH_ONLY[@]}" \
   python3 -m benchmarks.sampling_speed "${SIZE[@]}" --pixels "$SAMPLE_PX" --steps "$STEPS" --dtype "$DTYPE" \
   --batch "${SAMPLE_BATCHES[@]}" --repeats "$REPEATS" --skip-jax --json "$RESULTS"
+row "one-step sampling, xpsr-jax and PyTorch eager, batch 1" 90 "${TORCH_ONLY[@]}" \
+  python3 -m benchmarks.sampling_speed "${SIZE[@]}" --pixels "$SAMPLE_PX" --dtype "$DTYPE" --one-step \
+  --batch 1 --repeats "$REPEATS" --json "$RESULTS"
 # torch.compile last, in what is left: a compile that does not finish is reported in its cell.
 half=$(( ($(left) - 10) / 2 )); [ "$half" -gt $((150 * SCALE)) ] && half=$((150 * SCALE))
 row "train, PyTorch torch.compile, batch 1" $(((half + 5) / SCALE + 1)) "${TORCH_ONLY[@]}" \

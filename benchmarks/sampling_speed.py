@@ -3,6 +3,7 @@ colour fix) per image: xpsr-jax (one jitted call) vs the same loop in PyTorch, s
 
     python -m benchmarks.sampling_speed --size tiny --batch 1            # CPU
     python -m benchmarks.sampling_speed --size sd15 --batch 1 8 --dtype bfloat16   # GPU, 512 px
+    python -m benchmarks.sampling_speed --size tiny --one-step           # one-step XPSR, both sides
 
 Weights are constants (speed does not depend on them). The PyTorch side is tests/torch_reference
 (official names, diffusers layers, SDPA) + diffusers' AutoencoderKL and DDPMScheduler, run
@@ -24,6 +25,7 @@ from flax import nnx
 
 from benchmarks.common import SIZES, TINY_VAE, append_record, median_ms, time_limit, torch_compiled, torch_median_ms
 from benchmarks.xpsr_step_speed import constant_model
+from xpsr_jax.inference.one_step import one_step_generate
 from xpsr_jax.inference.sampling import PromptEmbeds, SamplingPlan, sample, split_networks
 from xpsr_jax.models import AutoencoderKL, AutoencoderKLConfig, XPSRControlNet, XPSRUNet, XPSRUNetConfig
 from xpsr_jax.schedulers import make_sampler, noise_schedule_from_config
@@ -80,7 +82,33 @@ def build_jax_sampler(size, *, batch, pixels, steps, dtype, backend, unet=None, 
     return compile_s, run
 
 
-def build_torch_sampler(size, *, batch, pixels, steps, dtype_name, unet=None, vae=None, compile_backend=None):
+def build_jax_one_step(size, *, batch, pixels, dtype, backend, unet=None, vae=None):
+    """(compile seconds, a no-argument callable running one-step XPSR once for `batch` images):
+    VAE encode, one ControlNet + UNet pass at t=999, decode (xpsr_jax.inference.one_step)."""
+    unet_config, unet, controlnet, vae = build_jax(size, dtype, backend, unet, vae)
+    graphdefs, states = zip(*(nnx.split(module) for module in (unet, controlnet, vae)))
+    schedule = noise_schedule_from_config(SD15_SCHEDULER)
+    context = unet_config.cross_attention_dim
+    high, low = (jnp.full((batch, 77, context), 0.1, dtype) for _ in range(2))
+    conditioning = jnp.full((batch, pixels, pixels, 3), 0.5, jnp.float32)
+
+    def generate(states, conditioning, high, low):
+        nets = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+        return one_step_generate(*nets, conditioning, high, low, None, noise_schedule=schedule)[0]
+
+    start = time.perf_counter()
+    compiled = jax.jit(generate).lower(states, conditioning, high, low).compile()
+    compile_s = time.perf_counter() - start
+    compiled(states, conditioning, high, low).block_until_ready()
+
+    def run():
+        compiled(states, conditioning, high, low).block_until_ready()
+    run.compiled = compiled
+    return compile_s, run
+
+
+def build_torch_sampler(size, *, batch, pixels, steps, dtype_name, unet=None, vae=None, compile_backend=None,
+                        one_step=False):
     """A no-argument callable running the reference loop once for `batch` images (no autograd);
     `compile_backend` wraps the UNet and ControlNet in torch.compile (compiled on the first call)."""
     import torch
@@ -115,6 +143,20 @@ def build_torch_sampler(size, *, batch, pixels, steps, dtype_name, unet=None, va
     unet_call, controlnet_call = torch_compiled(unet, compile_backend), torch_compiled(controlnet, compile_backend)
 
     @torch.no_grad()
+    def run_one_step():  # OSEDiff_test.forward with XPSR's denoiser (tests/torch_reference/one_step.py)
+        latents = vae.encode(image[:batch] * 2 - 1).latent_dist.mean * 0.18215
+        t = torch.full((batch,), 999, device=device)
+        control = controlnet_call(latents, t, embeds[:batch], embeds[:batch], image[:batch])
+        eps = unet_call(latents, t, embeds[:batch], embeds[:batch], list(control.down_block_res_samples),
+                        control.mid_block_res_sample)
+        alpha_bar = scheduler.alphas_cumprod[999].to(device, dtype)
+        x0 = (latents - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+        images = vae.decode(x0 / 0.18215).sample.clamp(-1, 1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return images
+
+    @torch.no_grad()
     def run():
         scheduler.set_timesteps(steps)
         latents = vae.encode(image[:batch] * 2 - 1).latent_dist.sample() * 0.18215
@@ -131,13 +173,13 @@ def build_torch_sampler(size, *, batch, pixels, steps, dtype_name, unet=None, va
             torch.cuda.synchronize()
         return images
 
-    return run
+    return run_one_step if one_step else run
 
 
-def bench_torch(size, *, batch, pixels, steps, dtype_name, repeats, compile_backend=None):
+def bench_torch(size, *, batch, pixels, steps, dtype_name, repeats, compile_backend=None, one_step=False):
     try:
         run = build_torch_sampler(size, batch=batch, pixels=pixels, steps=steps, dtype_name=dtype_name,
-                                  compile_backend=compile_backend)
+                                  compile_backend=compile_backend, one_step=one_step)
     except ImportError as error:
         print(f"  torch reference unavailable: {error}")
         return None
@@ -161,6 +203,9 @@ def main(argv=None):
     parser.add_argument("--compile-timeout", type=float, default=None,
                         help="seconds the torch.compile build + first call may take before it is reported as failed")
     parser.add_argument("--compile-threads", type=int, default=1, help="compile the batch sizes in parallel")
+    parser.add_argument("--one-step", action="store_true",
+                        help="time one-step XPSR (encode, one ControlNet + UNet pass, decode) instead of the "
+                             "--steps CFG loop")
     parser.add_argument("--json", default=None, metavar="FILE", help="append result records (benchmarks/common.py)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, trace one call of the largest batch's loop with jax.profiler and write "
@@ -169,13 +214,18 @@ def main(argv=None):
     pixels = args.pixels or (512 if args.size == "sd15" else 64)
     # A PyTorch-only run leaves JAX unstarted: on a GPU it would reserve most of the memory.
     where = "PyTorch only" if args.skip_jax else jax.devices()[0].device_kind
-    print(f"device: {where}; XPSR {args.size}, {pixels} px, {args.steps} DDPM steps, CFG, {args.dtype}", flush=True)
+    recipe = "one step (t=999, no CFG)" if args.one_step else f"{args.steps} DDPM steps, CFG"
+    print(f"device: {where}; XPSR {args.size}, {pixels} px, {recipe}, {args.dtype}", flush=True)
     samplers = {}
     if not args.skip_jax:  # compiled up front, in threads (XLA compiles outside the GIL)
+        def build(batch):
+            kwargs = dict(batch=batch, pixels=pixels, dtype=jnp.dtype(args.dtype), backend=args.attention_backend)
+            if args.one_step:
+                return build_jax_one_step(args.size, **kwargs)
+            return build_jax_sampler(args.size, steps=args.steps, **kwargs)
+
         with ThreadPoolExecutor(max(1, args.compile_threads)) as pool:
-            samplers = dict(zip(args.batch, pool.map(lambda batch: build_jax_sampler(
-                args.size, batch=batch, pixels=pixels, steps=args.steps, dtype=jnp.dtype(args.dtype),
-                backend=args.attention_backend), args.batch)))
+            samplers = dict(zip(args.batch, pool.map(build, args.batch)))
     loop_ms = {}
     for batch in args.batch:
         ours = theirs = compiled = None
@@ -186,7 +236,7 @@ def main(argv=None):
             line += f" xpsr-jax compile {compile_s:6.1f} s, {ours:8.3f} s/image"
         if not args.skip_torch:
             theirs = bench_torch(args.size, batch=batch, pixels=pixels, steps=args.steps, dtype_name=args.dtype,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, one_step=args.one_step)
             if theirs is not None:
                 line += f" | PyTorch {theirs:8.3f} s/image"
                 if ours is not None:
@@ -196,7 +246,8 @@ def main(argv=None):
             line += f" | PyTorch torch.compile({args.torch_compile}) " + (
                 f"{compiled:8.3f} s/image" if isinstance(compiled, float) else compiled)
         print(line, flush=True)
-        row = f"sampling {pixels} px, {args.steps} steps, {args.dtype}, batch {batch}"
+        row = (f"one-step sampling {pixels} px, {args.dtype}, batch {batch}" if args.one_step
+               else f"sampling {pixels} px, {args.steps} steps, {args.dtype}, batch {batch}")
         if ours is not None:
             append_record(args.json, row=row, impl="xpsr-jax", value=ours, unit="s/image",
                           details=f"compile {compile_s:.0f} s")
@@ -222,7 +273,8 @@ def torch_compile_seconds(args, batch, pixels):
     try:
         with time_limit(args.compile_timeout):
             run = build_torch_sampler(args.size, batch=batch, pixels=pixels, steps=args.steps, dtype_name=args.dtype,
-                                      compile_backend=args.torch_compile)
+                                      compile_backend=args.torch_compile,
+                                      one_step=args.one_step)
             run()  # the first call compiles
         return median_ms(run, args.repeats) / 1000 / batch
     except Exception as error:  # report, don't crash: torch.compile is optional

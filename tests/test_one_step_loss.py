@@ -25,7 +25,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tests.helpers.lpips_fixtures import write_random_lpips  # noqa: E402
-from tests.helpers.parity_utils import nchw_to_nhwc, nhwc_to_nchw  # noqa: E402
+from tests.helpers.parity_utils import nhwc_to_nchw  # noqa: E402
 from tests.helpers.training_fixtures import (HEIGHT, SFA_EVERYWHERE, TOKENS, VOCAB, WIDTH, fixed_batch,  # noqa: E402
                                              write_tiny_training_models)
 from tests.torch_reference import one_step as reference_lines  # noqa: E402

@@ -27,11 +27,11 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from xpsr_jax.inference.one_step import one_step_generate, predicted_latents
 from xpsr_jax.models.lora import with_lora
 from xpsr_jax.schedulers import add_noise
 from xpsr_jax.training.loss import encode_prompts
 
-ONE_STEP_TIMESTEP = 999  # osediff.py: self.timesteps = torch.tensor([999])
 VSD_TIMESTEP_RANGE = (20, 980)  # osediff.py distribution_matching_loss: torch.randint(20, 980, ...)
 BATCH_KEYS = ("pixel_values", "conditioning_pixel_values", "highlevel_input_ids", "lowlevel_input_ids")
 
@@ -92,48 +92,6 @@ class OneStepWeights(NamedTuple):
     vsd: float = 1.0
     regulariser: float = 1.0
     cfg_vsd: float = 7.5
-
-
-def _per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
-    return values.reshape(values.shape + (1,) * (like.ndim - 1))
-
-
-def predicted_latents(noise_schedule: Any, model_output: jax.Array, sample: jax.Array,
-                      timesteps: jax.Array) -> jax.Array:
-    """x0 from a model output at `timesteps` (OSEDiff's `eps_to_mu` for epsilon models; DDPM's
-    `pred_original_sample` for the others), float32."""
-    alpha_bar = _per_sample(noise_schedule.alphas_cumprod.astype(jnp.float32)[timesteps], sample)
-    sample = sample.astype(jnp.float32)
-    model_output = model_output.astype(jnp.float32)
-    prediction_type = noise_schedule.prediction_type
-    if prediction_type == "epsilon":
-        return (sample - jnp.sqrt(1.0 - alpha_bar) * model_output) / jnp.sqrt(alpha_bar)
-    if prediction_type == "v_prediction":
-        return jnp.sqrt(alpha_bar) * sample - jnp.sqrt(1.0 - alpha_bar) * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"scheduler prediction_type={prediction_type!r}; valid: 'epsilon', 'v_prediction', 'sample'")
-
-
-def one_step_generate(unet: Any, controlnet: Any, vae: Any, conditioning_pixel_values: jax.Array,
-                      highlevel_prompt_embeds: jax.Array, lowlevel_prompt_embeds: jax.Array,
-                      vae_sample: jax.Array | None, *, noise_schedule: Any,
-                      timestep: int = ONE_STEP_TIMESTEP) -> tuple[jax.Array, jax.Array]:
-    """(SR image in [-1, 1], its latents) from LR images in [0, 1] at the output size (NHWC), in
-    one pass of ControlNet + UNet. `vae_sample` is the posterior draw (None: its mean, as
-    inference). LoRA, where used, is already merged into the networks (`with_lora`)."""
-    posterior = vae.encode(conditioning_pixel_values * 2.0 - 1.0)
-    moments = posterior.mean if vae_sample is None else posterior.mean + posterior.std * vae_sample.astype(
-        posterior.mean.dtype)
-    lr_latents = moments.astype(jnp.float32) * vae.config.scaling_factor
-    timesteps = jnp.full((lr_latents.shape[0],), timestep, jnp.int32)
-    control = controlnet(lr_latents, timesteps, highlevel_prompt_embeds, lowlevel_prompt_embeds,
-                         conditioning_pixel_values)
-    model_output = unet(lr_latents, timesteps, highlevel_prompt_embeds, lowlevel_prompt_embeds,
-                        control.down_block_res_samples, control.mid_block_res_sample)
-    latents = predicted_latents(noise_schedule, model_output, lr_latents, timesteps)
-    image = jnp.clip(vae.decode(latents / vae.config.scaling_factor).astype(jnp.float32), -1.0, 1.0)
-    return image, latents
 
 
 def vsd_loss(sd_unet: Any, regulariser_unet: Any, latents: jax.Array, prompt_embeds: jax.Array,
