@@ -166,3 +166,119 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_parameters(setup, fla
     _, _, _, theirs, _ = _restore(reference_workdir, TOTAL_STEPS)
     for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- export and inference
+
+@pytest.fixture(scope="module")
+def release(reference_run, setup, tmp_path_factory):  # noqa: F811
+    from xpsr_jax.export.torch_layout import export_torch_layout, resolve_checkpoint
+
+    out = tmp_path_factory.mktemp("one_step_release") / "release"
+    export_torch_layout(resolve_checkpoint(reference_run[0]), out)
+    return out
+
+
+def test_export_writes_a_release_that_infer_runs_over_real_photos(release, setup, tmp_path):  # noqa: F811
+    import json
+    import subprocess
+    import sys
+
+    from xpsr_jax.data import images as image_io
+    from xpsr_jax.examples import write_test_set
+    from xpsr_jax.weights.formats import ONE_STEP_RECORD, VAE_ENCODER_LORA
+
+    record = json.loads((release / ONE_STEP_RECORD).read_text())
+    assert record["timestep"] == 999 and record["vae_encoder_lora"]["rank"] == 4
+    assert (release / VAE_ENCODER_LORA).is_file() and (release / "unet").is_dir() and (release / "controlnet").is_dir()
+    test_set = write_test_set(tmp_path / "photos")  # the packaged photos, x1/4, with their prompts
+    out = tmp_path / "out"
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+    base = [sys.executable, "-m", "xpsr_jax.infer", "--weights", str(release), "--sd15", str(setup.sd15),
+            "--input", str(test_set)]
+    done = subprocess.run(base + ["--output", str(out), "--config", "infer.py:tiny,one_step"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lr_paths = sorted((test_set / "LR").iterdir())
+    assert len(lr_paths) == 4
+    for lr_path in lr_paths:
+        lr = image_io.read_rgb(lr_path)
+        sr = image_io.read_rgb(out / f"{lr_path.stem}.png")
+        assert sr.shape == (4 * lr.shape[0], 4 * lr.shape[1], 3), (lr_path.name, lr.shape, sr.shape)
+    # one-step weights with the sampling recipe: refused in one line, nothing written
+    refused = subprocess.run(base + ["--output", str(tmp_path / "refused"), "--config", "infer.py:tiny"], env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert refused.returncode == 2 and "one-step XPSR weights" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
+    # an export that would drop the VAE-encoder LoRA is refused, not written
+    from xpsr_jax.export.inference_checkpoint import export_inference_checkpoint
+    from xpsr_jax.export.output import ExportError
+    with pytest.raises(ExportError, match="one-step XPSR release"):
+        export_inference_checkpoint(release, tmp_path / "orbax")
+    assert not (tmp_path / "orbax").exists()
+
+
+def test_exported_release_matches_the_pytorch_reference(release, setup):  # noqa: F811
+    """The exported release through XPSRPipeline (init "one_step") against the PyTorch replay of
+    OSEDiff's inference lines on the same files: XPSR reference networks, diffusers' VAE with the
+    release's peft LoRA loaded by peft, transformers' CLIP, the same posterior draw."""
+    import json
+
+    import diffusers
+    import torch
+    import transformers
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from tests.helpers.parity_utils import nchw_to_nhwc, nhwc_to_nchw
+    from tests.helpers.torch_pipeline import load_release_torch
+    from tests.torch_reference import one_step as reference_lines
+    from xpsr_jax.configs import infer as infer_configs
+    from xpsr_jax.inference.pipeline import XPSRPipeline
+    from xpsr_jax.inference.sampling import SamplingNoise
+    from xpsr_jax.weights.files import read_state_dict
+    from xpsr_jax.weights.formats import ONE_STEP_RECORD, VAE_ENCODER_LORA
+
+    config = infer_configs.get_config("tiny,one_step")
+    config.tiling.enabled = False
+    pipe = XPSRPipeline.from_pretrained(release, setup.sd15, config)
+    rng = np.random.default_rng(3)
+    conditioning = np.stack([textured_rgb(rng, 64, 64)])
+    caption, quality = "a red brick house", "slightly blurry, noisy"
+    vae_sample = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    zeros = np.zeros_like(vae_sample)
+    ours = pipe.sample(conditioning, pipe.encode_prompts([caption], [quality]),
+                       noise=SamplingNoise(vae_sample, zeros, zeros, None))
+
+    unet, controlnet = load_release_torch(release)
+    vae = diffusers.AutoencoderKL.from_pretrained(setup.sd15, subfolder="vae").eval()
+    lora = json.loads((release / ONE_STEP_RECORD).read_text())["vae_encoder_lora"]
+    inject_adapter_in_model(LoraConfig(r=lora["rank"], lora_alpha=lora["lora_alpha"], init_lora_weights="gaussian",
+                                       target_modules=lora["target_modules"]), vae, adapter_name=lora["adapter_name"])
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in read_state_dict(release / VAE_ENCODER_LORA).items()}
+    result = vae.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora" in k]
+    text_encoder = transformers.CLIPTextModel.from_pretrained(setup.sd15, subfolder="text_encoder").eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(setup.sd15, subfolder="tokenizer")
+    scheduler = reference_lines.one_step_scheduler(diffusers.DDPMScheduler.from_pretrained(setup.sd15,
+                                                                                           subfolder="scheduler"))
+    with torch.no_grad():
+        def embed(text):
+            ids = tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            return text_encoder(ids.input_ids)[0]
+
+        image, latents = reference_lines.generator_forward(
+            vae, unet, controlnet, scheduler, torch.from_numpy(nhwc_to_nchw(conditioning / 255.0)).float(),
+            embed(caption), embed(quality), torch.from_numpy(nhwc_to_nchw(vae_sample)))
+    for name, got, expected in (("latents", ours.latents, nchw_to_nhwc(latents.numpy())),
+                                ("image", np.clip(ours.decoded, -1, 1), nchw_to_nhwc(image.numpy()))):
+        error = np.abs(got - expected).max()
+        print(f"one-step release parity {name}: max-abs {error:.2e} (scale {np.abs(expected).max():.2f})")
+        assert error <= 1e-3, (name, error)
+    assert np.abs(ours.latents - ours.latents_init).max() > 0.1  # the pass changed the LR latent
+    # The trained VAE-encoder LoRA matters at these tolerances (so leaving it out would fail above).
+    plain = diffusers.AutoencoderKL.from_pretrained(setup.sd15, subfolder="vae").eval()
+    pixels = torch.from_numpy(nhwc_to_nchw(conditioning / 127.5 - 1.0)).float()
+    with torch.no_grad():
+        moved = (vae.encode(pixels).latent_dist.mean - plain.encode(pixels).latent_dist.mean).abs().max().item()
+    print(f"VAE-encoder LoRA moves the posterior mean by {moved:.2e}")
+    assert moved > 1e-2

@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target, refuse_one_step_release
 from xpsr_jax.models.dtypes import DTYPE_NAMES
 from xpsr_jax.models.loading import NETWORKS, STATE_DIR, load_xpsr
 from xpsr_jax.models.single_file import add_single_file_arguments, is_single_file, sd15_folder
@@ -116,6 +116,7 @@ def export_inference_checkpoint(weights: str | os.PathLike, out: str | os.PathLi
     if dtype not in DTYPE_NAMES:
         raise ExportError(f"--dtype={dtype!r} is invalid; valid: {' | '.join(DTYPE_NAMES)}")
     weights = Path(weights).absolute()
+    refuse_one_step_release(weights, "an orbax inference checkpoint")
     kind = detect_weights_format(weights)
     if kind != RELEASE:
         raise ExportError(f"{weights}: is a {kind!r} export; --weights needs an official-layout release "

@@ -20,11 +20,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from xpsr_jax.files import current_umask
-from xpsr_jax.weights.formats import MANIFEST, WeightsFormatError, read_manifest
+from xpsr_jax.weights.formats import MANIFEST, ONE_STEP_RECORD, WeightsFormatError, read_manifest
 
 
 class ExportError(ValueError):
     """Bad export input or an output that cannot be written; the message names the path."""
+
+
+def refuse_one_step_release(weights: str | os.PathLike, what: str) -> None:
+    """ExportError for a one-step release where `what` (an export format) does not carry its
+    VAE-encoder LoRA yet: the output would sample as multi-step weights."""
+    if (Path(weights) / ONE_STEP_RECORD).is_file():
+        raise ExportError(f"{weights}: a one-step XPSR release ({ONE_STEP_RECORD}); {what} does not carry its "
+                          "VAE-encoder LoRA yet: use the release folder itself (infer --config infer.py:one_step)")
 
 
 # Safety margin over the estimate: serialisation formats add headers, JSON and alignment.

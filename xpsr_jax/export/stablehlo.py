@@ -38,7 +38,7 @@ from jax import export
 from safetensors.flax import save_file
 
 from xpsr_jax.cli_config import ConfigFlagError, parse_config_flags
-from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
+from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target, refuse_one_step_release
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
 from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline, resolve_sd15
 from xpsr_jax.inference.sampling import PromptEmbeds, guided_noise, sample
@@ -300,6 +300,7 @@ def export_stablehlo(weights: str | os.PathLike, out: str | os.PathLike, *, sd15
     """Export `weights` (a release or an orbax inference checkpoint, + the SD 1.5 base) under the
     inference `config` to the folder `out`; see `export_pipeline` for the options."""
 
+    refuse_one_step_release(weights, "a StableHLO artifact")
     config = default_infer_config() if config is None else config
     try:
         validate_infer_config(config)

@@ -15,6 +15,9 @@ checkpoint) when set, else `base_model`'s SD UNet. Its fingerprint is checked ag
 stored at training time before anything is written; `--base-model` / `--init-from` point at
 the same weights in another place.
 
+A one-step run's checkpoint (objective "one_step") gives the one-step release of
+`xpsr_jax/export/one_step.py`: the UNet with its LoRA merged, plus the VAE encoder's LoRA file.
+
 config.json: with `init_from`, the base's unet/ and controlnet/config.json are copied byte for
 byte (same keys as the release the run started from); from SD 1.5, the configs the official
 rule derives (`XPSRUNet.from_sd_unet` + the run's `model.*` switches, `XPSRControlNet.from_unet`).
@@ -35,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from xpsr_jax.export.one_step import restore_one_step, write_one_step_files
 from xpsr_jax.export.output import ExportError, atomic_output_dir, check_output_target
 from xpsr_jax.models.dtypes import DTYPE_NAMES, DTYPES_BY_NAME
 from xpsr_jax.models.loading import abstract_network, load_inference_checkpoint
@@ -300,7 +304,13 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     except (OSError, ValueError) as error:
         raise ExportError(f"{base.kind} {str(base.path)!r}: cannot load the frozen base ({error})") from error
     param_dtype = DTYPES_BY_NAME.get(train_config.get("precision", {}).get("param_dtype", "float32"), jnp.float32)
-    unet, controlnet = restore_trainable(checkpoint, networks, ema=ema, param_dtype=param_dtype)
+    one_step = None
+    if train_config.get("objective", "xpsr") == "one_step":
+        one_step = restore_one_step(checkpoint, networks, train_config, ema=ema, param_dtype=param_dtype,
+                                    base_model=base_model)
+        unet, controlnet = one_step.unet, one_step.controlnet
+    else:
+        unet, controlnet = restore_trainable(checkpoint, networks, ema=ema, param_dtype=param_dtype)
     manifest = {"format": RELEASE, "version": 1, "source": str(checkpoint), "source_format": "orbax-train",
                 "step": int(meta["step"]), "ema": bool(ema), "dtype": dtype, "config": train_config,
                 "frozen_base": {**meta["frozen_base"], "verified": base.kind, "verified_path": str(base.path)},
@@ -309,6 +319,8 @@ def export_torch_layout(checkpoint: str | os.PathLike, out: str | os.PathLike, *
                            overwrite=overwrite, inputs=inputs) as staging:
         try:
             write_release(staging, {"unet": unet, "controlnet": controlnet}, networks.configs, dtype)
+            if one_step is not None:
+                write_one_step_files(staging, one_step, ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
             manifest["checksums"] = folder_checksums(staging)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         except OSError as error:

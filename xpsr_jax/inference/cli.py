@@ -53,12 +53,18 @@ from xpsr_jax.inference.artifact import (
 )
 from xpsr_jax.inference.batching import super_resolve_iter
 from xpsr_jax.inference.config import validate_infer_config
-from xpsr_jax.inference.pipeline import WeightsFolderError, XPSRPipeline, check_pretrained
+from xpsr_jax.inference.pipeline import (
+    WeightsFolderError,
+    XPSRPipeline,
+    check_pretrained,
+    check_recipe_fits_weights,
+)
 from xpsr_jax.inference.preprocess import MIN_SIDE, InputImageError, check_input_size
 from xpsr_jax.inference.prompts import MissingPromptError, PromptSource
 from xpsr_jax.models.single_file import add_single_file_arguments
 from xpsr_jax.progress import progress_bar
 from xpsr_jax.weights.artifact import ArtifactInputError, load_artifact
+from xpsr_jax.weights.formats import ONE_STEP_RECORD
 
 DEFAULT_CONFIG = "configs/infer.py"  # the packaged inference config (xpsr_jax/configs/infer.py)
 
@@ -201,6 +207,8 @@ def _init_distributed(args) -> None:
 
 def run(args, config, artifact=None) -> int:
     """`artifact`: a loaded StableHLO artifact to sample with instead of the pipeline."""
+    if artifact is None:  # one-step weights with a sampling recipe (or the reverse): refused before any work
+        check_recipe_fits_weights(config, (Path(args.weights) / ONE_STEP_RECORD).is_file(), args.weights)
     output = Path(args.output)
     files, official_root = list_inputs(Path(args.input))
     targets = dict(zip(files, output_paths(output, files)))

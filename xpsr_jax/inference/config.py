@@ -16,7 +16,7 @@ from xpsr_jax.models.dtypes import DTYPE_NAMES, DTYPES_BY_NAME
 from xpsr_jax.schedulers import SAMPLERS
 from xpsr_jax.seeds import VALID_SEEDS, is_valid_seed
 
-INIT_MODES = ("lr_latent", "noise")
+INIT_MODES = ("lr_latent", "noise", "one_step")
 COLOR_FIXES = ("adain", "wavelet", "none")
 FINAL_SIGMAS_TYPES = ("sigma_min", "zero")
 TIMESTEP_SPACINGS = ("", "leading", "linspace", "trailing")
@@ -38,7 +38,9 @@ def default_infer_config() -> config_dict.ConfigDict:
     config.final_sigmas_type = "sigma_min"
     config.guidance_scale = 4.5  # classifier-free guidance; <= 1 runs without the negative batch
     config.conditioning_scale = 1.0  # ControlNet residual scale
-    config.init = "lr_latent"  # "lr_latent": VAE latent of the upscaled LR, noised; "noise": pure noise
+    # "lr_latent": VAE latent of the upscaled LR, noised; "noise": pure noise; "one_step": one-step
+    # XPSR weights (one pass at t=999, no sampler: configs/infer.py:one_step, docs/one_step.md)
+    config.init = "lr_latent"
     config.added_noise_level = 800  # second noising level of the LR latent; -1 = off
     config.process_size = 512  # the x4 image's short side is raised to this when smaller
     config.upscale = 4
@@ -119,6 +121,8 @@ def validate_infer_config(config: config_dict.ConfigDict) -> None:
                                         f"(dtype={config.dtype})")
     if config.init not in INIT_MODES:
         raise bad("init", " | ".join(INIT_MODES))
+    if config.init == "one_step" and config.guidance_scale > 1:
+        raise bad("guidance_scale", '<= 1 with init "one_step" (one-step weights run one unguided pass)')
     if not isinstance(config.added_noise_level, int) or not -1 <= config.added_noise_level < 1000:
         raise bad("added_noise_level", "an integer timestep in [0, 999], or -1 for none")
     positive_int("process_size", config.process_size)

@@ -32,6 +32,7 @@ from ml_collections import config_dict
 
 from xpsr_jax.compile_cache import watch_compile
 from xpsr_jax.inference.batching import SampledBatch, finite_per_image, super_resolve
+from xpsr_jax.cli_config import ConfigError
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
 from xpsr_jax.inference.memory import check_fits, device_free_bytes, program_bytes
 from xpsr_jax.inference.sampling import (
@@ -50,6 +51,8 @@ from xpsr_jax.models import (
     load_xpsr_networks,
     tokenize,
 )
+from xpsr_jax.models.loading import read_one_step_release
+from xpsr_jax.models.lora import with_lora
 from xpsr_jax.models.single_file import is_single_file, sd15_folder
 from xpsr_jax.schedulers import (
     load_scheduler_config,
@@ -59,6 +62,7 @@ from xpsr_jax.schedulers import (
 from xpsr_jax.seeds import seed_key_data
 from xpsr_jax.weights.formats import (
     MANIFEST,
+    ONE_STEP_RECORD,
     SD15_INFERENCE_PARTS,
     STABLEHLO,
     WeightsFormatError,
@@ -163,6 +167,18 @@ def sampling_plan(config: config_dict.ConfigDict, scheduler_config: dict, scalin
         vae_streaming=tiling.get("vae_streaming", True))
 
 
+def check_recipe_fits_weights(config: config_dict.ConfigDict, one_step_weights: bool, weights=None) -> None:
+    """ConfigError when one-step weights meet a sampling recipe or the reverse (either way the
+    images would be wrong, not an error)."""
+    where = f"{weights}: " if weights is not None else ""
+    if one_step_weights and config.init != "one_step":
+        raise ConfigError(f"{where}one-step XPSR weights ({ONE_STEP_RECORD}) with init={config.init!r}; run them "
+                          "with --config infer.py:one_step (init='one_step')")
+    if config.init == "one_step" and not one_step_weights:
+        raise ConfigError(f"{where}init='one_step' needs one-step XPSR weights (a release with {ONE_STEP_RECORD}, "
+                          "from python -m xpsr_jax.export torch of a one-step run); these are multi-step weights")
+
+
 def _as_config(config: config_dict.ConfigDict | None) -> config_dict.ConfigDict:
     config = default_infer_config() if config is None else config
     validate_infer_config(config)
@@ -173,8 +189,10 @@ class XPSRPipeline:
     """The XPSR super-resolution pipeline (see the module docstring)."""
 
     def __init__(self, *, unet, controlnet, vae, text_encoder, tokenizer, scheduler_config: dict,
-                 config: config_dict.ConfigDict | None = None, devices: Sequence[jax.Device] | None = None):
+                 config: config_dict.ConfigDict | None = None, devices: Sequence[jax.Device] | None = None,
+                 one_step_weights: bool = False):
         self.tokenizer = tokenizer
+        self.one_step_weights = bool(one_step_weights)  # the networks are a one-step XPSR release's
         self.scheduler_config = dict(scheduler_config)
         self.noise_schedule = noise_schedule_from_config(self.scheduler_config)
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
@@ -194,6 +212,7 @@ class XPSRPipeline:
     def _set_recipe(self, config: config_dict.ConfigDict | None) -> None:
         """The sampler, the sampling plan and an empty table of compiled programs for `config`."""
         self.config = _as_config(config)
+        check_recipe_fits_weights(self.config, self.one_step_weights)
         self.plan = sampling_plan(self.config, self.scheduler_config, self._scaling_factor)
         self.sampler = self.plan.sampler
         self._compiled: OrderedDict = OrderedDict()  # (shape, injected, with_steps) -> jit / compiled
@@ -229,13 +248,21 @@ class XPSRPipeline:
         model_kwargs = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         unet, controlnet = load_sampling_networks(weights, attention_backend=config.attention_backend,
                                                   **model_kwargs)
+        try:
+            one_step = read_one_step_release(weights)
+        except WeightsFormatError as error:
+            raise WeightsFolderError(str(error)) from None
+        check_recipe_fits_weights(config, one_step is not None, weights)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", attention_backend=config.attention_backend,
                                             **model_kwargs)
+        if one_step is not None:  # the release's VAE-encoder LoRA, merged into SD 1.5's VAE
+            vae = with_lora(vae, one_step.vae_lora, one_step.scaling)
         text_encoder = CLIPTextEncoder.from_pretrained(base, subfolder="text_encoder",
                                                        attention_backend=config.attention_backend, **model_kwargs)
         return cls(unet=unet, controlnet=controlnet, vae=vae, text_encoder=text_encoder,
                    tokenizer=load_clip_tokenizer(base / "tokenizer"),
-                   scheduler_config=load_scheduler_config(base / "scheduler"), config=config, **kwargs)
+                   scheduler_config=load_scheduler_config(base / "scheduler"), config=config,
+                   one_step_weights=one_step is not None, **kwargs)
 
     def update_weights(self, unet, controlnet, vae) -> None:
         """Sample with new weights of the same architecture (training's validation each time):
@@ -390,7 +417,7 @@ class XPSRPipeline:
             if tuple(np.shape(array)) != latent_shape:
                 raise ValueError(f"sample: noise.{name} must have shape {latent_shape} (NHWC latents); "
                                  f"got {tuple(np.shape(array))}")
-        if self.sampler.needs_step_noise:
+        if self.sampler.needs_step_noise and self.plan.init != "one_step":
             expected = (len(self.sampler.timesteps),) + latent_shape
             if noise.steps is None or tuple(np.shape(noise.steps)) != expected:
                 got = None if noise.steps is None else tuple(np.shape(noise.steps))

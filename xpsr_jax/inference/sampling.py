@@ -10,6 +10,8 @@ and draws as the release's `StableDiffusionControlNetPipeline` (pipelines/pipeli
 3. each step: ControlNet and UNet on the CFG batch ([negative, positive] for BOTH prompt kinds,
    the ControlNet on the doubled batch too), guidance, sampler step [DDPM: draw `steps[i]`]
 4. VAE decode of latents / scaling factor; uint8 image after the colour fix.
+With init "one_step" (one-step XPSR weights) steps 2-3 are one unguided pass at t = 999 on the LR
+latent, whose predicted x0 is decoded (`_one_step`).
 
 CFG pairs are laid out per image ([neg_0, pos_0, neg_1, pos_1, ...]) rather than the release's
 [all negatives, all positives]: every network is per-sample, so the numbers are the same, and a
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xpsr_jax.inference.color_fix import to_uint8_image
+from xpsr_jax.inference.one_step import ONE_STEP_TIMESTEP, predicted_latents
 from xpsr_jax.inference.tiling import (
     VAE_DECODER_PAD,
     VAE_ENCODER_PAD,
@@ -204,6 +207,19 @@ def guided_noise(networks: Networks, plan: SamplingPlan, states, latents, timest
     return uncond + plan.guidance_scale * (text - uncond)
 
 
+def _one_step(networks: Networks, plan: SamplingPlan, states, conditioning: jax.Array, embeds: PromptEmbeds,
+              vae_sample: jax.Array) -> SampleOutput:
+    """One-step XPSR (xpsr_jax.inference.one_step) with this module's tiling: the LR latent (a
+    posterior sample, as OSEDiff's test) -> one unguided ControlNet + UNet pass at t = 999 -> x0."""
+    mean, std = _vae_encode_moments(networks, plan, states["vae"], conditioning * 2.0 - 1.0)
+    lr_latents = (mean.astype(jnp.float32) + std.astype(jnp.float32) * vae_sample) * plan.scaling_factor
+    eps = guided_noise(networks, plan, states, lr_latents, ONE_STEP_TIMESTEP, conditioning, embeds)
+    timesteps = jnp.full((lr_latents.shape[0],), ONE_STEP_TIMESTEP, jnp.int32)
+    latents = predicted_latents(plan.noise_schedule, eps, lr_latents, timesteps)
+    decoded = _vae_decode(networks, plan, states["vae"], latents / plan.scaling_factor)
+    return SampleOutput(lr_latents, latents, decoded, to_uint8_image(decoded, conditioning, plan.color_fix))
+
+
 def sample(networks: Networks, plan: SamplingPlan, states, conditioning: jax.Array, embeds: PromptEmbeds,
            noise: SamplingNoise | None = None, keys: jax.Array | None = None) -> SampleOutput:
     """One sampling run. conditioning: (B, H, W, 3) float in [0, 1] (the preprocessed LR / 255);
@@ -220,6 +236,8 @@ def sample(networks: Networks, plan: SamplingPlan, states, conditioning: jax.Arr
     sampler, schedule = plan.sampler, plan.noise_schedule
     timesteps = jnp.asarray(sampler.timesteps, jnp.int32)
 
+    if plan.init == "one_step":
+        return _one_step(networks, plan, states, conditioning, embeds, noise.vae_sample)
     if plan.init == "lr_latent":
         mean, std = _vae_encode_moments(networks, plan, states["vae"], conditioning * 2.0 - 1.0)
         latents = (mean.astype(jnp.float32) + std.astype(jnp.float32) * noise.vae_sample) * plan.scaling_factor

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,15 @@ from flax import nnx
 
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
 from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
+from xpsr_jax.models.lora import from_peft_state_dict, lora_scaling
+from xpsr_jax.weights.files import WeightFileError, read_state_dict
 from xpsr_jax.weights.formats import (
+    ONE_STEP_RECORD,
     ORBAX_INFERENCE,
     RELEASE,
     STABLEHLO,
+    VAE_ENCODER_ADAPTER,
+    VAE_ENCODER_LORA,
     WeightsFormatError,
     detect_weights_format,
     read_manifest,
@@ -143,5 +148,35 @@ def load_xpsr_networks(path: str | os.PathLike, *, sharding: ShardingSpec = None
                              "run it with xpsr_jax.weights.artifact.load_artifact")
 
 
-__all__ = ["NETWORKS", "STATE_DIR", "abstract_network", "load_inference_checkpoint", "load_xpsr",
-           "load_xpsr_networks", "read_inference_manifest"]
+class OneStepRelease(NamedTuple):
+    """What a one-step XPSR release adds to the VAE of SD 1.5: its encoder's LoRA and scaling."""
+
+    vae_lora: dict
+    scaling: float
+    record: dict
+
+
+def read_one_step_release(folder: str | os.PathLike) -> OneStepRelease | None:
+    """The VAE-encoder LoRA of a one-step release (ONE_STEP_RECORD + VAE_ENCODER_LORA), or None
+    for a multi-step one; WeightsFormatError naming the file when they are broken."""
+    folder = Path(folder)
+    record_path = folder / ONE_STEP_RECORD
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        lora = record["vae_encoder_lora"]
+        scaling = lora_scaling(int(lora["rank"]), float(lora["lora_alpha"]))
+        state = read_state_dict(folder / lora["file"])
+        vae_lora = from_peft_state_dict(state, lora.get("adapter_name", VAE_ENCODER_ADAPTER))
+    except (OSError, ValueError, KeyError, TypeError, WeightFileError) as error:
+        raise WeightsFormatError(f"{record_path}: a one-step XPSR release needs this record and its "
+                                 f"{VAE_ENCODER_LORA} ({type(error).__name__}: {error})") from error
+    if not vae_lora:
+        raise WeightsFormatError(f"{folder / lora['file']}: holds no LoRA tensors of adapter "
+                                 f"{lora.get('adapter_name', VAE_ENCODER_ADAPTER)!r}")
+    return OneStepRelease(vae_lora, scaling, record)
+
+
+__all__ = ["NETWORKS", "OneStepRelease", "STATE_DIR", "abstract_network", "load_inference_checkpoint", "load_xpsr",
+           "load_xpsr_networks", "read_inference_manifest", "read_one_step_release"]

@@ -17,6 +17,11 @@ RELEASE = "release"  # official layout: unet/ + controlnet/ (config.json + safet
 ORBAX_INFERENCE = "orbax-inference"  # inference-only orbax checkpoint of the UNet and ControlNet
 STABLEHLO = "stablehlo"  # serialized jax.export artifact
 FORMATS = (RELEASE, ORBAX_INFERENCE, STABLEHLO)
+# A one-step XPSR release is a release (its UNet holds the merged LoRA) plus these two files: the
+# VAE encoder's LoRA in peft's keys and layout, and what it needs (docs/one_step.md).
+ONE_STEP_RECORD = "one_step.json"
+VAE_ENCODER_LORA = "vae_encoder_lora.safetensors"
+VAE_ENCODER_ADAPTER = "default_encoder"  # OSEDiff's adapter name for the VAE encoder
 
 # The Stable Diffusion 1.5 folder layout (diffusers' `save_pretrained` of the pipeline): what
 # inference reads besides the two XPSR networks, and what training reads from `base_model`.
