@@ -153,6 +153,7 @@ def no_model_loading(monkeypatch):
 
     # The loop's own references: what train() calls.
     monkeypatch.setattr(loop, "load_training_models", forbidden)
+    monkeypatch.setattr(loop, "load_one_step_networks", forbidden)
     monkeypatch.setattr(loop, "make_train_step", forbidden)
 
 
@@ -251,6 +252,35 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(setu
     assert checkpoint_lib.finalized_steps(tmp_path / "run" / "checkpoints") == [2, 4]
     assert [r["step"] for r in metrics_lib.read_metrics_jsonl(tmp_path / "run" / "metrics.jsonl")] \
         == [1, 2, 3, 4]
+
+
+def test_bad_one_step_input_is_one_line_before_compilation(setup, tmp_path, capsys, no_model_loading):
+    """configs/train.py:one_step: the LPIPS trunk file, the release, the recipe keys and what the
+    objective does not support are named before any model loads."""
+    base = ["--config", f"{REPO / 'configs' / 'train.py'}:tiny,one_step", "--workdir", str(tmp_path / "w"),
+            f"--config.base_model={setup.sd15}", f"--config.pipeline.data_dir={setup.data_dir}"]
+    err = _one_line_error(capsys, base)
+    assert "loss.lpips_backbone=''" in err and "vgg16-397923af.pth" in err
+    backbone = tmp_path / "vgg16.pth"
+    backbone.write_bytes(b"x")
+    base.append(f"--config.loss.lpips_backbone={backbone}")
+    for flag, expected in (("--config.one_step.lora_rank=0", "one_step.lora_rank=0"),
+                           ("--config.one_step.cfg_vsd=nan", "one_step.cfg_vsd=nan"),
+                           ("--config.validation.every=5", "validation.every=5"),
+                           ("--config.objective=two_step", "objective='two_step'"),
+                           (f"--config.one_step.init_from={tmp_path / 'no_release'}", "no_release")):
+        err = _one_line_error(capsys, [*base, flag])
+        assert expected in err, (flag, err)
+    err = _one_line_error(capsys, [*base, f"--config.one_step.init_from={setup.xpsr}",
+                                   f"--config.init_from={setup.sd15}"])
+    assert "one_step.init_from=" in err and "differ" in err
+    # one_step.init_from is the run's init_from (the frozen base checked on resume, export's base)
+    config = tiny_config(setup, objective="one_step", **{"one_step.init_from": str(setup.xpsr)})
+    assert train_config.resolve_train_config(config).init_from == str(setup.xpsr)
+    # a workdir of a multi-step run does not resume as a one-step one
+    train_config.write_workdir_config(train_config.resolve_train_config(tiny_config(setup)), tmp_path / "w")
+    err = _one_line_error(capsys, base)
+    assert "incompatible config: objective='one_step' here but 'xpsr'" in err
 
 
 @pytest.mark.parametrize("key, value", [("loss.dfc_weight", "inf"), ("optimizer.learning_rate", "nan"),
