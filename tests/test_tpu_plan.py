@@ -89,6 +89,46 @@ def test_the_tiny_train_step_on_v5e_data_parallel_and_with_fsdp_4(tmp_path):
 
 
 @needs_libtpu
+def test_the_tiny_one_step_train_step_on_v5e_data_parallel(tmp_path):
+    """The one-step objective's step (generator + regulariser, LPIPS, three SD UNet passes) for a
+    pod: it fits, no example moves between chips (the guidance and LPIPS pairs stay per example),
+    and its gradients (both groups, fp32) are all-reduced once. LoRA is merged into the kernels it
+    adapts, so XLA all-reduces the merged kernels' gradients before contracting them to LoRA size:
+    the volume lies between the trainable bytes and those plus the adapted kernels' bytes
+    (docs/one_step.md, "On a pod")."""
+    import jax
+    from flax import nnx
+
+    from xpsr_jax.configs.train import get_config
+    from xpsr_jax.models.architectures import architecture
+    from xpsr_jax.training.abstract import abstract_one_step_networks, abstract_one_step_state
+    from xpsr_jax.training.one_step_train import lora_targets
+    from xpsr_jax.training.sharding import make_mesh
+    from xpsr_jax.weights.convert import torch_key
+
+    result = plans(tmp_path, {"one_step": ["--program", "train", "--config", "configs/train.py:tiny,one_step"]})
+    figures = result["one_step"]["figures"]
+    assert result["one_step"]["fits"] and "one-step objective" in result["one_step"]["description"]
+    config = get_config("tiny,one_step")
+    networks = abstract_one_step_networks(architecture("tiny"), config)
+    _, state, _ = abstract_one_step_state(networks, config, make_mesh(config.mesh, jax.devices()[:1]))
+    assert set(state.params) == {"unet", "controlnet", "unet_lora", "vae_lora", "regulariser_lora"}
+    trainable = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state.params))
+    targets = lora_targets(networks)
+    adapted = 0
+    for module, names in ((networks.unet, targets.unet), (networks.vae, targets.vae),
+                          (networks.sd_unet, targets.regulariser)):
+        names = set(names)
+        adapted += sum(int(np.prod(v.get_value().shape)) * 4 for path, v in nnx.to_flat_state(nnx.state(module))
+                       if path[-1] == "kernel" and torch_key(tuple(path))[:-len(".weight")] in names)
+    reduced = figures["collectives"]["all-reduce"]["bytes"]
+    print(f"one-step all-reduce {reduced:,} bytes; trainable {trainable:,}; adapted kernels {adapted:,}")
+    assert trainable * 0.98 <= reduced <= (trainable + adapted) * 1.02
+    assert figures["collectives"]["collective-permute"]["count"] == 0
+    assert figures["flops"] > 0
+
+
+@needs_libtpu
 def test_the_tiny_sampler_on_one_v5e_host(tmp_path):
     result = plans(tmp_path, {"sample": ["--program", "sample", "--config", "configs/infer.py:tiny",
                                          "--batch-per-chip", "2"]})["sample"]

@@ -32,7 +32,7 @@ from xpsr_jax.models.loading import abstract_network
 from xpsr_jax.models.vae import AutoencoderKL
 from xpsr_jax.training.one_step_train import trainable_filter
 from xpsr_jax.training.trainable import TRAINABLE_UNET_MODULES
-from xpsr_jax.weights.convert import torch_key
+from xpsr_jax.weights.convert import module_param_names
 from xpsr_jax.weights.files import write_state_dict
 from xpsr_jax.weights.formats import ONE_STEP_RECORD, VAE_ENCODER_ADAPTER, VAE_ENCODER_LORA
 
@@ -44,10 +44,6 @@ class OneStepExport(NamedTuple):
     controlnet: Any
     vae_lora: dict
     record: dict
-
-
-def _param_names(module) -> list[str]:
-    return [torch_key(tuple(path)) for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))]
 
 
 def _abstract_lora(module, targets, rank: int) -> dict:
@@ -66,8 +62,8 @@ def restore_one_step(checkpoint: Path, networks: Any, train_config: dict, *, ema
         raise ExportError(f"base_model {str(sd15)!r}: no vae/config.json; the VAE-encoder LoRA of a one-step run "
                           "needs the run's SD 1.5 folder (pass --base-model PATH where it is now)")
     vae = abstract_network(AutoencoderKL, AutoencoderKLConfig.from_json_file(sd15 / "vae" / "config.json"))
-    unet_targets = sum(osediff_unet_targets(_param_names(networks.unet), TRAINABLE_UNET_MODULES).values(), ())
-    vae_targets = osediff_vae_encoder_targets(_param_names(vae))
+    unet_targets = sum(osediff_unet_targets(module_param_names(networks.unet), TRAINABLE_UNET_MODULES).values(), ())
+    vae_targets = osediff_vae_encoder_targets(module_param_names(vae))
 
     key = "ema_params" if ema else "params"
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

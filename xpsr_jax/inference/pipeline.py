@@ -30,9 +30,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
+from xpsr_jax.cli_config import ConfigError
 from xpsr_jax.compile_cache import watch_compile
 from xpsr_jax.inference.batching import SampledBatch, finite_per_image, super_resolve
-from xpsr_jax.cli_config import ConfigError
 from xpsr_jax.inference.config import default_infer_config, validate_infer_config
 from xpsr_jax.inference.memory import check_fits, device_free_bytes, program_bytes
 from xpsr_jax.inference.sampling import (
@@ -241,7 +241,9 @@ class XPSRPipeline:
         """`weights`: an official-layout release (unet/, controlnet/) or an orbax inference
         checkpoint (python -m xpsr_jax.export orbax); `sd15`: the base folder with
         vae/, text_encoder/, tokenizer/, scheduler/ (default: `weights`, when it has them), or the
-        single-file checkpoint with `tokenizer` (and `sd15_config`; see `resolve_sd15`)."""
+        single-file checkpoint with `tokenizer` (and `sd15_config`; see `resolve_sd15`). A one-step
+        release (one_step.json) gets its VAE-encoder LoRA merged into SD 1.5's VAE and needs
+        `config.init == "one_step"` (configs/infer.py:one_step); the reverse is refused too."""
         config = _as_config(config)
         weights = Path(weights)
         base = resolve_sd15(weights, sd15, tokenizer=tokenizer, sd15_config=sd15_config)

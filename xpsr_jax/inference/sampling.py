@@ -39,6 +39,7 @@ from xpsr_jax.inference.tiling import (
     vae_tiles,
     with_tile_synced_group_norm,
 )
+from xpsr_jax.models.layers import deinterleave, interleave
 from xpsr_jax.models.vae import DiagonalGaussian
 from xpsr_jax.schedulers import NoiseSchedule, Sampler, add_noise
 
@@ -167,20 +168,15 @@ def _vae_decode(networks: Networks, plan: SamplingPlan, vae_state, latents: jax.
     return run_tiled(nnx.merge(networks.vae_tiled, vae_state).decode, latents, tiles, 8)
 
 
-def _pairs(negative: jax.Array, positive: jax.Array) -> jax.Array:
-    """(B, ...) x 2 -> (2B, ...) as [neg_0, pos_0, neg_1, pos_1, ...]."""
-    return jnp.stack([negative, positive], axis=1).reshape((-1,) + negative.shape[1:])
-
-
 def guided_noise(networks: Networks, plan: SamplingPlan, states, latents, timestep, image, embeds: PromptEmbeds):
     """The guided epsilon for `latents` (B, h, w, 4) at integer `timestep`."""
     unet = nnx.merge(networks.unet, states["unet"])
     controlnet = nnx.merge(networks.controlnet, states["controlnet"])
     if plan.classifier_free_guidance:
-        model_latents = _pairs(latents, latents)
-        model_image = _pairs(image, image)
-        highlevel = _pairs(embeds.highlevel_negative, embeds.highlevel)
-        lowlevel = _pairs(embeds.lowlevel_negative, embeds.lowlevel)
+        model_latents = interleave(latents, latents)
+        model_image = interleave(image, image)
+        highlevel = interleave(embeds.highlevel_negative, embeds.highlevel)
+        lowlevel = interleave(embeds.lowlevel_negative, embeds.lowlevel)
     else:
         model_latents, model_image, highlevel, lowlevel = latents, image, embeds.highlevel, embeds.lowlevel
 
@@ -202,8 +198,7 @@ def guided_noise(networks: Networks, plan: SamplingPlan, states, latents, timest
         eps = model(model_latents, model_image, 1)
     if not plan.classifier_free_guidance:
         return eps
-    eps = eps.reshape((-1, 2) + eps.shape[1:])
-    uncond, text = eps[:, 0], eps[:, 1]
+    uncond, text = deinterleave(eps)
     return uncond + plan.guidance_scale * (text - uncond)
 
 

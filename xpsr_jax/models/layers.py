@@ -168,3 +168,15 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     rows = jnp.minimum(jnp.floor(jnp.arange(size[0]) * (height / size[0])).astype(jnp.int32), height - 1)
     cols = jnp.minimum(jnp.floor(jnp.arange(size[1]) * (width / size[1])).astype(jnp.int32), width - 1)
     return x[:, rows][:, :, cols]
+
+
+def interleave(first: jax.Array, second: jax.Array) -> jax.Array:
+    """(B, ...) x 2 -> (2B, ...) as [first_0, second_0, first_1, ...]: a batch sharded over devices
+    keeps each example's pair on its device (concatenating the batches would move data)."""
+    return jnp.stack([first, second], axis=1).reshape((-1,) + first.shape[1:])
+
+
+def deinterleave(pairs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `interleave`."""
+    pairs = pairs.reshape((-1, 2) + pairs.shape[1:])
+    return pairs[:, 0], pairs[:, 1]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xpsr_jax.models.layers import conv2d
+from xpsr_jax.models.layers import conv2d, deinterleave, interleave
 from xpsr_jax.weights.convert import load_state_dict_into
 from xpsr_jax.weights.files import read_state_dict
 
@@ -68,13 +68,13 @@ class LPIPS(nnx.Module):
         """(B,) LPIPS distances of NHWC images x, y in [-1, 1], float32."""
         shift = jnp.asarray(SCALING_SHIFT, jnp.float32)
         scale = jnp.asarray(SCALING_SCALE, jnp.float32)
-        both = jnp.concatenate([x, y]).astype(jnp.float32)
+        both = interleave(x, y).astype(jnp.float32)  # per example, so a sharded batch stays put
         taps = self.taps((both - shift) / scale)
         total = jnp.zeros((x.shape[0],), jnp.float32)
         for tap, lin in zip(taps, self.lins):
             tap = tap.astype(jnp.float32)
             unit = tap / (jnp.sqrt(jnp.sum(jnp.square(tap), axis=-1, keepdims=True)) + NORMALIZE_EPS)
-            first, second = jnp.split(unit, 2)
+            first, second = deinterleave(unit)
             weighted = lin(jnp.square(first - second).astype(self.dtype)).astype(jnp.float32)
             total = total + jnp.mean(weighted, axis=(1, 2, 3))
         return total

@@ -25,7 +25,15 @@ from xpsr_jax.inference.pipeline import jit_sampler, sampling_plan
 from xpsr_jax.models.architectures import Architecture
 from xpsr_jax.schedulers import noise_schedule_from_config
 from xpsr_jax.tpu_plan.topology import Topology
-from xpsr_jax.training.abstract import abstract_batch, abstract_train_state, abstract_training_models
+from xpsr_jax.training.abstract import (
+    TOKENS,
+    abstract_batch,
+    abstract_one_step_networks,
+    abstract_one_step_state,
+    abstract_train_state,
+    abstract_training_models,
+)
+from xpsr_jax.training.one_step_train import one_step_step_fn
 from xpsr_jax.training.sharding import make_mesh
 from xpsr_jax.training.step import lower_train_step
 
@@ -44,13 +52,20 @@ def train_program(config: Any, arch: Architecture, topology: Topology, *, batch_
     """The train step of `config` for every device of `topology`, `batch_per_chip` examples each."""
     devices = list(topology.devices)
     mesh = make_mesh(config.mesh, devices)
-    models = abstract_training_models(arch, config)
-    graphdefs, state, frozen = abstract_train_state(models, config, mesh)
+    schedule = noise_schedule_from_config(arch.scheduler)
+    step_fn = None
+    if config.get("objective", "xpsr") == "one_step":
+        graphdefs, state, frozen = abstract_one_step_state(abstract_one_step_networks(arch, config), config, mesh)
+        # The negative prompt's ids are a constant of the program; their values do not change its cost.
+        step_fn = one_step_step_fn(config, graphdefs, schedule, mesh, state,
+                                   negative_input_ids=np.zeros((1, TOKENS), np.int32))
+    else:
+        graphdefs, state, frozen = abstract_train_state(abstract_training_models(arch, config), config, mesh)
     batch = abstract_batch(batch_per_chip * len(devices), int(config.pipeline.resolution))
-    lowered, seconds = lower_train_step(config, graphdefs, noise_schedule_from_config(arch.scheduler), mesh, state,
-                                        frozen, batch)
+    lowered, seconds = lower_train_step(config, graphdefs, schedule, mesh, state, frozen, batch, step_fn=step_fn)
     data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
-    description = (f"train step, {batch_per_chip} image(s) of {config.pipeline.resolution} px per chip "
+    objective = " (one-step objective)" if step_fn is not None else ""
+    description = (f"train step{objective}, {batch_per_chip} image(s) of {config.pipeline.resolution} px per chip "
                    f"({batch_per_chip * len(devices)} per step), mesh data={data} x fsdp={fsdp} "
                    f"(shard_trainable={config.mesh.shard_trainable}, shard_frozen={config.mesh.shard_frozen}), "
                    f"remat unet={config.remat.unet} controlnet={config.remat.controlnet}, compute "

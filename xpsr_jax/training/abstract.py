@@ -6,6 +6,8 @@ compile-time benchmark lower the train step on.
     graphdefs, state, frozen = abstract_train_state(models, config, mesh)
     batch = abstract_batch(batch_size, config.pipeline.resolution)
     lowered, seconds = lower_train_step(config, graphdefs, noise_schedule, mesh, state, frozen, batch)
+
+A one-step run (objective "one_step"): `abstract_one_step_networks` + `abstract_one_step_state`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, XPSRControlNet, XPSRUNet
+from xpsr_jax.models import AutoencoderKL, CLIPTextEncoder, UNet2DCondition, XPSRControlNet, XPSRUNet
 from xpsr_jax.models.architectures import Architecture
 from xpsr_jax.models.dtypes import dtype_from_name
+from xpsr_jax.models.lpips import LPIPS
 from xpsr_jax.models.xpsr_unet import XPSRUNetConfig
 from xpsr_jax.training.models import XPSRModels, remat_block_types, sfa_overrides
+from xpsr_jax.training.one_step import OneStepNetworks
+from xpsr_jax.training.one_step_train import create_one_step_state, split_one_step
 from xpsr_jax.training.step import TrainState, create_train_state, split_models
 from xpsr_jax.weights.pretrained import eval_shape_model
 
@@ -54,6 +59,32 @@ def abstract_train_state(models: XPSRModels, config: Any, mesh: Mesh) -> tuple[d
     def build(states):
         merged = XPSRModels(**{n: nnx.merge(d, s) for n, d, s in zip(names, definitions, states)})
         return create_train_state(merged, config, mesh)[:2]
+
+    state, frozen = jax.eval_shape(build, list(states))
+    return graphdefs, state, frozen
+
+
+def abstract_one_step_networks(arch: Architecture, config: Any) -> OneStepNetworks:
+    """The networks of a one-step run (objective "one_step") of `config` on `arch`, as shapes:
+    XPSR's four, the frozen SD UNet (VSD's score, the regulariser's base) and LPIPS."""
+    models = abstract_training_models(arch, config)
+    kwargs = dict(dtype=dtype_from_name(config.precision.compute_dtype, "precision.compute_dtype"),
+                  param_dtype=dtype_from_name(config.precision.param_dtype, "precision.param_dtype"))
+    sd_unet = eval_shape_model(lambda: UNet2DCondition(arch.unet, rngs=nnx.Rngs(0),
+                                                       attention_backend=config.attention_backend, **kwargs))
+    lpips = eval_shape_model(lambda: LPIPS(rngs=nnx.Rngs(0), **kwargs))
+    return OneStepNetworks(unet=models.unet, controlnet=models.controlnet, vae=models.vae,
+                           text_encoder=models.text_encoder, sd_unet=sd_unet, lpips=lpips)
+
+
+def abstract_one_step_state(networks: OneStepNetworks, config: Any, mesh: Mesh) -> tuple[dict, TrainState, Any]:
+    """(graphdefs, state, frozen) of `create_one_step_state` on `mesh`, as ShapeDtypeStructs."""
+    graphdefs = split_one_step(networks, {})[0]
+    definitions, states = zip(*(nnx.split(module) for module in networks))
+
+    def build(states):
+        merged = OneStepNetworks(*(nnx.merge(d, s) for d, s in zip(definitions, states)))
+        return create_one_step_state(merged, config, mesh)[:2]
 
     state, frozen = jax.eval_shape(build, list(states))
     return graphdefs, state, frozen

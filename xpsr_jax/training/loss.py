@@ -19,6 +19,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from xpsr_jax.models.layers import deinterleave, interleave
 from xpsr_jax.schedulers import add_noise, get_velocity
 from xpsr_jax.training.resize import resize_bilinear
 
@@ -81,11 +82,8 @@ def encode_prompts(text_encoder: Any, highlevel_input_ids: jax.Array, lowlevel_i
     prompt batches, rows interleaved per example ([high_0, low_0, high_1, ...]): rows do not
     interact, the program holds one copy of CLIP, and each device keeps its own examples' rows
     (stacking the batches end to end made XLA move token ids between devices every step)."""
-    batch = highlevel_input_ids.shape[0]
-    pairs = jnp.stack([highlevel_input_ids, lowlevel_input_ids], axis=1)
-    hidden = jax.lax.stop_gradient(text_encoder(pairs.reshape((2 * batch,) + pairs.shape[2:])))
-    hidden = hidden.reshape((batch, 2) + hidden.shape[1:])
-    return hidden[:, 0], hidden[:, 1]
+    hidden = jax.lax.stop_gradient(text_encoder(interleave(highlevel_input_ids, lowlevel_input_ids)))
+    return deinterleave(hidden)
 
 
 def xpsr_loss(models: Any, batch: Mapping[str, jax.Array], draws: LossDraws, *, noise_schedule: Any,

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from xpsr_jax.inference.one_step import one_step_generate, predicted_latents
+from xpsr_jax.models.layers import deinterleave, interleave
 from xpsr_jax.models.lora import with_lora
 from xpsr_jax.schedulers import add_noise
-from xpsr_jax.training.loss import encode_prompts
+from xpsr_jax.training.loss import BATCH_KEYS, encode_prompts
 
 VSD_TIMESTEP_RANGE = (20, 980)  # osediff.py distribution_matching_loss: torch.randint(20, 980, ...)
-BATCH_KEYS = ("pixel_values", "conditioning_pixel_values", "highlevel_input_ids", "lowlevel_input_ids")
 
 
 class OneStepDraws(NamedTuple):
@@ -104,9 +104,11 @@ def vsd_loss(sd_unet: Any, regulariser_unet: Any, latents: jax.Array, prompt_emb
     prompt_embeds = jax.lax.stop_gradient(prompt_embeds)
     update_output = regulariser_unet(noisy, timesteps, prompt_embeds)
     x0_update = predicted_latents(noise_schedule, update_output, noisy, timesteps)
-    both = sd_unet(jnp.concatenate([noisy, noisy]), jnp.concatenate([timesteps, timesteps]),
-                   jnp.concatenate([jax.lax.stop_gradient(negative_prompt_embeds), prompt_embeds]))
-    uncond, text = jnp.split(both.astype(jnp.float32), 2)
+    # The guidance pair of each example side by side ([neg_0, pos_0, neg_1, ...]), not the two
+    # batches end to end: a batch sharded over devices keeps each example's pair on its device.
+    both = sd_unet(interleave(noisy, noisy), interleave(timesteps, timesteps),
+                   interleave(jax.lax.stop_gradient(negative_prompt_embeds), prompt_embeds))
+    uncond, text = deinterleave(both.astype(jnp.float32))
     x0_fix = predicted_latents(noise_schedule, uncond + cfg_vsd * (text - uncond), noisy, timesteps)
     x0_update, x0_fix = jax.lax.stop_gradient(x0_update), jax.lax.stop_gradient(x0_fix)
     weighting = jnp.mean(jnp.abs(latents - x0_fix), axis=(1, 2, 3), keepdims=True)

@@ -46,7 +46,7 @@ from xpsr_jax.training.one_step import (
 from xpsr_jax.training.optimizer import learning_rate_at, make_optimizer
 from xpsr_jax.training.step import TrainState, apply_gradients, flat_layout, place_train_state
 from xpsr_jax.training.trainable import TRAINABLE_UNET_MODULES, is_trainable_unet_path
-from xpsr_jax.weights.convert import module_state_dict
+from xpsr_jax.weights.convert import module_param_names
 
 NETWORK_NAMES = OneStepNetworks._fields
 GENERATOR_GROUP = ("unet", "controlnet", "unet_lora", "vae_lora")
@@ -75,9 +75,9 @@ class LoRATargets(NamedTuple):
 def lora_targets(networks: OneStepNetworks) -> LoRATargets:
     """OSEDiff's targets: the generator UNet's SD tensors (not XPSR's own trainable modules, which
     train whole), the VAE encoder, and the whole SD 1.5 UNet for the regulariser."""
-    unet = osediff_unet_targets(module_state_dict(networks.unet), TRAINABLE_UNET_MODULES)
-    regulariser = osediff_unet_targets(module_state_dict(networks.sd_unet))
-    return LoRATargets(unet=sum(unet.values(), ()), vae=osediff_vae_encoder_targets(module_state_dict(networks.vae)),
+    unet = osediff_unet_targets(module_param_names(networks.unet), TRAINABLE_UNET_MODULES)
+    regulariser = osediff_unet_targets(module_param_names(networks.sd_unet))
+    return LoRATargets(unet=sum(unet.values(), ()), vae=osediff_vae_encoder_targets(module_param_names(networks.vae)),
                        regulariser=sum(regulariser.values(), ()))
 
 
@@ -218,13 +218,16 @@ def one_step_train_step(state: TrainState, frozen: Any, batch: Mapping[str, jax.
 
 
 def one_step_step_fn(config: Any, graphdefs: Mapping[str, Any], noise_schedule: Any, mesh: Mesh,
-                     state: TrainState):
-    """The `step_fn` of `make_train_step` for a one-step run."""
+                     state: TrainState, negative_input_ids: Any = None):
+    """The `step_fn` of `make_train_step` for a one-step run; `negative_input_ids` (1, 77) default
+    to the tokenized one_step.negative_prompt (a plan from shapes passes any ids)."""
     rank = int(config.one_step.lora_rank)
+    if negative_input_ids is None:
+        negative_input_ids = negative_prompt_ids(config)
     return functools.partial(
         one_step_train_step, graphdefs=graphdefs, tx=one_step_optimizer(config),
         layout=flat_layout(state.params, mesh, config), noise_schedule=noise_schedule,
-        negative_input_ids=negative_prompt_ids(config), weights=weights_from_config(config),
+        negative_input_ids=negative_input_ids, weights=weights_from_config(config),
         scaling=lora_scaling(rank, float(config.one_step.lora_alpha)),
         clip_norm=float(config.optimizer.grad_clip_norm), optimizer_config=config.optimizer,
         total_steps=int(config.total_steps))

@@ -50,6 +50,11 @@ def _flat_params(module_or_state) -> dict[tuple, nnx.Variable]:
     return {tuple(path): variable for path, variable in nnx.to_flat_state(state)}
 
 
+def module_param_names(module: nnx.Module) -> list[str]:
+    """The PyTorch keys of `module`'s parameters (real or abstract: no values are read)."""
+    return [torch_key(tuple(path)) for path in _flat_params(module)]
+
+
 def module_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     """All parameters of `module` as a PyTorch-layout state dict (numpy, parameter dtype)."""
     out = {}
