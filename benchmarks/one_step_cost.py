@@ -22,10 +22,9 @@ from flax import nnx
 
 from benchmarks.common import median_ms
 from benchmarks.sampling_speed import UNET_SIZES, build_jax_one_step, build_jax_sampler, model_keys
+from xpsr_jax.inference.one_step import ONE_STEP_TIMESTEP
 from xpsr_jax.models import AutoencoderKL, AutoencoderKLConfig, XPSRControlNet, XPSRUNet, XPSRUNetConfig
 from xpsr_jax.weights.pretrained import eval_shape_model
-
-ONE_STEP_TIMESTEP = 999
 
 
 def abstract_networks(size: str, dtype, backend: str):

@@ -63,16 +63,15 @@ def reference_run(setup, flags, tmp_path_factory):  # noqa: F811
 
 def _restore(workdir: Path, step: int):
     """(config, graphdefs, initial state, restored state, frozen) of a one-step workdir, in-process."""
-    from xpsr_jax.configs import train as train_configs
-    from xpsr_jax.training import config as train_config
+    import json
+
+    from ml_collections import config_dict
+
     from xpsr_jax.training.checkpoint import TrainCheckpoints
     from xpsr_jax.training.one_step_train import create_one_step_state, load_one_step_networks
     from xpsr_jax.training.sharding import make_mesh
 
-    stored = (workdir / "config.json").read_text()
-    config = train_configs.get_config("tiny,one_step").unlock()
-    config.update_from_flattened_dict(_flatten(__import__("json").loads(stored)))
-    config = train_config.resolve_train_config(config)
+    config = config_dict.ConfigDict(json.loads((workdir / "config.json").read_text()))  # the resolved config
     mesh = make_mesh(config.mesh)
     initial, frozen, graphdefs = create_one_step_state(load_one_step_networks(config), config, mesh)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial)
@@ -82,16 +81,6 @@ def _restore(workdir: Path, step: int):
     finally:
         checkpoints.close()
     return config, graphdefs, initial, restored, frozen
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 def _held_out_batch(count: int = 4, size: int = 64):

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from xpsr_jax.export.output import ExportError
@@ -30,6 +29,7 @@ from xpsr_jax.models.lora import (
 )
 from xpsr_jax.models.loading import abstract_network
 from xpsr_jax.models.vae import AutoencoderKL
+from xpsr_jax.training.checkpoint import restore_saved_params
 from xpsr_jax.training.one_step_train import trainable_filter
 from xpsr_jax.training.trainable import TRAINABLE_UNET_MODULES
 from xpsr_jax.weights.convert import module_param_names
@@ -65,22 +65,12 @@ def restore_one_step(checkpoint: Path, networks: Any, train_config: dict, *, ema
     unet_targets = sum(osediff_unet_targets(module_param_names(networks.unet), TRAINABLE_UNET_MODULES).values(), ())
     vae_targets = osediff_vae_encoder_targets(module_param_names(vae))
 
-    key = "ema_params" if ema else "params"
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype, sharding=sharding), tree)
-
-    parts, item = {}, {}
-    for name in NETWORKS:
-        parts[name] = nnx.split(getattr(networks, name), trainable_filter(name), ...)
-        item[name] = target(parts[name][1])
-    item["unet_lora"] = target(_abstract_lora(networks.unet, unet_targets, rank))
-    item["vae_lora"] = target(_abstract_lora(vae, vae_targets, rank))
+    parts = {name: nnx.split(getattr(networks, name), trainable_filter(name), ...) for name in NETWORKS}
+    shapes = {name: parts[name][1] for name in NETWORKS}
+    shapes.update(unet_lora=_abstract_lora(networks.unet, unet_targets, rank),
+                  vae_lora=_abstract_lora(vae, vae_targets, rank))
     try:
-        restored = ocp.PyTreeCheckpointer().restore(checkpoint / "state", args=ocp.args.PyTreeRestore(
-            item={key: item}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: item}),
-            partial_restore=True))[key]
+        restored = restore_saved_params(checkpoint, shapes, ema=ema, param_dtype=param_dtype)
     except (ValueError, KeyError, TypeError) as error:
         raise ExportError(f"{checkpoint}: its one-step parameters do not fit the networks of the frozen base and "
                           f"{sd15} (the checkpoint's config does not match them: {str(error)[:500]})") from error
@@ -92,7 +82,7 @@ def restore_one_step(checkpoint: Path, networks: Any, train_config: dict, *, ema
                                    "lora_alpha": alpha, "target_modules": list(vae_targets)},
               "inference": "python -m xpsr_jax.infer --config infer.py:one_step"}
     return OneStepExport(with_lora(unet, restored["unet_lora"], scaling), controlnet,
-                         jax.tree.map(lambda x: jax.device_get(x), restored["vae_lora"]), record)
+                         jax.device_get(restored["vae_lora"]), record)
 
 
 def write_one_step_files(folder: Path, export: OneStepExport, dtype) -> None:

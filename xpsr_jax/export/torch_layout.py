@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from xpsr_jax.export.one_step import restore_one_step, write_one_step_files
@@ -45,7 +44,7 @@ from xpsr_jax.models.loading import abstract_network, load_inference_checkpoint
 from xpsr_jax.models.unet import UNet2DCondition
 from xpsr_jax.models.xpsr_controlnet import XPSRControlNet, XPSRControlNetConfig
 from xpsr_jax.models.xpsr_unet import XPSRUNet, XPSRUNetConfig
-from xpsr_jax.training.checkpoint import checkpoint_directory, finalized_steps
+from xpsr_jax.training.checkpoint import checkpoint_directory, finalized_steps, restore_saved_params
 from xpsr_jax.training.config import WORKDIR_CONFIG_FILE
 from xpsr_jax.training.models import check_release_config, sfa_overrides
 from xpsr_jax.training.trainable import split_trainable
@@ -229,19 +228,11 @@ def restore_trainable(checkpoint: Path, networks: BaseNetworks, *, ema: bool, pa
 
     Only `params` (or `ema_params`) are read: no optimizer state, RNG or step."""
 
-    key = "ema_params" if ema else "params"
-    state_dir = checkpoint / "state"
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    parts, item = {}, {}
-    for name in NETWORKS:
-        parts[name] = split_trainable(getattr(networks, name), name)
-        # Shapes only (the base's trainable values, if any, are replaced), in the checkpoint's dtype.
-        item[name] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype, sharding=sharding),
-                                  parts[name][1])
+    # Shapes only (the base's trainable values, if any, are replaced), in the checkpoint's dtype.
+    parts = {name: split_trainable(getattr(networks, name), name) for name in NETWORKS}
     try:
-        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-            item={key: item}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: item}),
-            partial_restore=True))[key]
+        restored = restore_saved_params(checkpoint, {name: parts[name][1] for name in NETWORKS}, ema=ema,
+                                        param_dtype=param_dtype)
     except (ValueError, KeyError, TypeError) as error:
         raise ExportError(f"{checkpoint}: its trainable parameters do not fit the networks of the frozen base "
                           f"(the checkpoint's config does not match the base: {str(error)[:500]})") from error

@@ -13,28 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from xpsr_jax.schedulers import predicted_latents
+
 ONE_STEP_TIMESTEP = 999  # osediff.py: self.timesteps = torch.tensor([999])
-
-
-def _per_sample(values: jax.Array, like: jax.Array) -> jax.Array:
-    return values.reshape(values.shape + (1,) * (like.ndim - 1))
-
-
-def predicted_latents(noise_schedule: Any, model_output: jax.Array, sample: jax.Array,
-                      timesteps: jax.Array) -> jax.Array:
-    """x0 from a model output at `timesteps` (OSEDiff's `eps_to_mu` for epsilon models; DDPM's
-    `pred_original_sample` for the others), float32."""
-    alpha_bar = _per_sample(noise_schedule.alphas_cumprod.astype(jnp.float32)[timesteps], sample)
-    sample = sample.astype(jnp.float32)
-    model_output = model_output.astype(jnp.float32)
-    prediction_type = noise_schedule.prediction_type
-    if prediction_type == "epsilon":
-        return (sample - jnp.sqrt(1.0 - alpha_bar) * model_output) / jnp.sqrt(alpha_bar)
-    if prediction_type == "v_prediction":
-        return jnp.sqrt(alpha_bar) * sample - jnp.sqrt(1.0 - alpha_bar) * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"scheduler prediction_type={prediction_type!r}; valid: 'epsilon', 'v_prediction', 'sample'")
 
 
 def one_step_generate(unet: Any, controlnet: Any, vae: Any, conditioning_pixel_values: jax.Array,

@@ -248,13 +248,13 @@ class XPSRPipeline:
         weights = Path(weights)
         base = resolve_sd15(weights, sd15, tokenizer=tokenizer, sd15_config=sd15_config)
         model_kwargs = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
-        unet, controlnet = load_sampling_networks(weights, attention_backend=config.attention_backend,
-                                                  **model_kwargs)
-        try:
+        try:  # a mismatch of weights and recipe is refused before the networks load
             one_step = read_one_step_release(weights)
         except WeightsFormatError as error:
             raise WeightsFolderError(str(error)) from None
         check_recipe_fits_weights(config, one_step is not None, weights)
+        unet, controlnet = load_sampling_networks(weights, attention_backend=config.attention_backend,
+                                                  **model_kwargs)
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", attention_backend=config.attention_backend,
                                             **model_kwargs)
         if one_step is not None:  # the release's VAE-encoder LoRA, merged into SD 1.5's VAE

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xpsr_jax.inference.color_fix import to_uint8_image
-from xpsr_jax.inference.one_step import ONE_STEP_TIMESTEP, predicted_latents
+from xpsr_jax.inference.one_step import ONE_STEP_TIMESTEP
 from xpsr_jax.inference.tiling import (
     VAE_DECODER_PAD,
     VAE_ENCODER_PAD,
@@ -41,7 +41,7 @@ from xpsr_jax.inference.tiling import (
 )
 from xpsr_jax.models.layers import deinterleave, interleave
 from xpsr_jax.models.vae import DiagonalGaussian
-from xpsr_jax.schedulers import NoiseSchedule, Sampler, add_noise
+from xpsr_jax.schedulers import NoiseSchedule, Sampler, add_noise, predicted_latents
 
 
 class PromptEmbeds(NamedTuple):

@@ -21,6 +21,7 @@ from xpsr_jax.schedulers.noise_schedule import (
     add_noise,
     get_velocity,
     noise_schedule_from_config,
+    predicted_latents,
 )
 from xpsr_jax.schedulers.sampler import SAMPLERS, make_sampler
 from xpsr_jax.schedulers.timesteps import (
@@ -46,4 +47,5 @@ __all__ = [
     "make_sampler",
     "multistep_timesteps",
     "noise_schedule_from_config",
+    "predicted_latents",
 ]

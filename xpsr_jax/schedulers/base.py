@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xpsr_jax.schedulers.config import resolve_settings
-from xpsr_jax.schedulers.noise_schedule import read_schedule_settings
+from xpsr_jax.schedulers.noise_schedule import predicted_original_sample, read_schedule_settings
 
 
 class Sampler:
@@ -105,15 +105,6 @@ def read_sampler_settings(name: str, defaults: Mapping[str, Any], choices: Mappi
 def compute_dtype(sample) -> jnp.dtype:
     """Arithmetic dtype of a step: the sample's, at least float32 (bf16 latents update in fp32)."""
     return jnp.promote_types(jnp.asarray(sample).dtype, jnp.float32)
-
-
-def predicted_original_sample(prediction_type: str, sample, model_output, alpha, sigma):
-    """x0 from the model output, where x_t = alpha * x0 + sigma * eps (diffusers' op order)."""
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output
-    return model_output  # "sample"
 
 
 def predicted_epsilon(prediction_type: str, sample, model_output, alpha, sigma):

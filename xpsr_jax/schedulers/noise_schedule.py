@@ -145,3 +145,22 @@ def get_velocity(schedule: NoiseSchedule, sample, noise, timesteps) -> jnp.ndarr
     velocity = (_per_sample(jnp.sqrt(alpha_bar), x0) * jnp.asarray(noise).astype(dtype)
                 - _per_sample(jnp.sqrt(1.0 - alpha_bar), x0) * x0)
     return velocity.astype(sample.dtype)
+
+
+def predicted_original_sample(prediction_type: str, sample, model_output, alpha, sigma):
+    """x0 from the model output, where x_t = alpha * x0 + sigma * eps (diffusers' op order)."""
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    return model_output  # "sample"
+
+
+def predicted_latents(schedule: NoiseSchedule, model_output, sample, timesteps) -> jnp.ndarray:
+    """x0 from a model output at int `timesteps` (B,), float32: DDPM's `pred_original_sample`
+    (OSEDiff's `eps_to_mu` for epsilon models)."""
+    alpha_bar = schedule.alphas_cumprod.astype(jnp.float32)[jnp.asarray(timesteps)]
+    sample = jnp.asarray(sample).astype(jnp.float32)
+    alpha_bar = _per_sample(alpha_bar, sample)
+    return predicted_original_sample(schedule.prediction_type, sample, jnp.asarray(model_output).astype(jnp.float32),
+                                     jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar))

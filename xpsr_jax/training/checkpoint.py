@@ -27,6 +27,7 @@ import signal
 import threading
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -80,6 +81,17 @@ def read_checkpoint_meta(directory: str | os.PathLike, step: int) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"checkpoint {storage_path(directory) / str(step)}: cannot read {path} "
                          f"({error})") from error
+
+
+def restore_saved_params(checkpoint: str | os.PathLike, shapes: dict, *, ema: bool, param_dtype) -> dict:
+    """From one checkpoint step folder, only its state's `params` (or `ema_params`) named in
+    `shapes` (trees whose leaves have a shape), in `param_dtype` on the first local device: no
+    optimizer state, RNG or step is read. ValueError / KeyError / TypeError when they do not fit."""
+    key = "ema_params" if ema else "params"
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    item = {key: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype, sharding=sharding), shapes)}
+    return ocp.PyTreeCheckpointer().restore(storage_path(checkpoint) / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))[key]
 
 
 class TrainCheckpoints:

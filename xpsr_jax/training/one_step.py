@@ -27,10 +27,10 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from xpsr_jax.inference.one_step import one_step_generate, predicted_latents
+from xpsr_jax.inference.one_step import one_step_generate
 from xpsr_jax.models.layers import deinterleave, interleave
 from xpsr_jax.models.lora import with_lora
-from xpsr_jax.schedulers import add_noise
+from xpsr_jax.schedulers import add_noise, predicted_latents
 from xpsr_jax.training.loss import BATCH_KEYS, encode_prompts
 
 VSD_TIMESTEP_RANGE = (20, 980)  # osediff.py distribution_matching_loss: torch.randint(20, 980, ...)
