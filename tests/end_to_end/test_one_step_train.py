@@ -139,7 +139,7 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_parameters(setup, fla
                                                                       tmp_path):
     reference_workdir, _ = reference_run
     workdir = tmp_path / "run"
-    killed = run_and_signal(setup, workdir, *flags, after_step=5, signal_number=signal.SIGKILL, device_count=2,
+    killed = run_and_signal(setup, workdir, *flags, after_step=7, signal_number=signal.SIGKILL, device_count=2,
                             variants=VARIANTS)
     assert killed.returncode == -signal.SIGKILL
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
